@@ -1,0 +1,84 @@
+"""Attribution queries: featurize query images with the store's own settings, then top-k.
+
+This is the library form of ``projidx query``: nothing about the projection, checkpoints, loss or
+noise is re-specified; all of it is read from the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
+from projidx.data import ImageSet, load_dataset
+from projidx.errors import ProjidxError
+from projidx.featurize import QueryFeatures, featurize_queries
+from projidx.index import load_index
+from projidx.scoring import METHODS, exact_topk, query_vectors
+from projidx.store import FeatureStore
+
+
+@dataclass
+class Attribution:
+    """Top-k training samples per query: ids and scores (M, k), best first."""
+
+    method: str
+    top_k: int
+    query_ids: np.ndarray
+    ids: np.ndarray
+    scores: np.ndarray
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "top_k": self.top_k,
+            "queries": [
+                {"query": i, "query_id": int(qid), "ids": [int(v) for v in ids], "scores": [float(s) for s in sc]}
+                for i, (qid, ids, sc) in enumerate(zip(self.query_ids, self.ids, self.scores, strict=True))
+            ],
+        }
+
+
+def store_checkpoints(store: FeatureStore) -> CheckpointSet:
+    """The checkpoints a store was built from, read from the directory recorded in it."""
+    if not store.meta.checkpoint_dir:
+        raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly")
+    return load_checkpoint_dir(store.meta.checkpoint_dir)
+
+
+def attribute(
+    store: FeatureStore,
+    queries: ImageSet | QueryFeatures,
+    method: str,
+    top_k: int = 10,
+    exact: bool = False,
+    ckpts: CheckpointSet | None = None,
+    query_timesteps: int = 10,
+    noise_draws: int = 4,
+    progress: bool = False,
+    nprobe: int | None = None,
+) -> Attribution:
+    """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index)."""
+    if method not in METHODS:
+        raise ProjidxError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if isinstance(queries, ImageSet):
+        queries = featurize_queries(store, ckpts or store_checkpoints(store), queries, query_timesteps,
+                                    noise_draws, progress=progress)
+    qv = query_vectors(store, queries, method)
+    if exact:
+        scores, ids = exact_topk(store, qv, method, top_k)
+    else:
+        scores, ids = load_index(store, method, nprobe=nprobe).search(qv, top_k)
+    return Attribution(method, top_k, queries.ids, ids, scores)
+
+
+def training_images(store: FeatureStore, ids: np.ndarray) -> np.ndarray:
+    """(*ids.shape, C, H, W) the training images with the given sample ids, reloaded from the store's
+    dataset (refused if that data changed since featurization)."""
+    train = load_dataset(store.meta.dataset_name)
+    if train.fingerprint() != store.meta.dataset_fingerprint:
+        raise ProjidxError(f"the training data {store.meta.dataset_name} changed since the store was built")
+    row = {int(i): r for r, i in enumerate(train.ids.tolist())}
+    images = train.images.numpy()
+    return images[np.vectorize(lambda i: row[int(i)])(ids)]

@@ -1,0 +1,187 @@
+"""The ``projidx`` command line: thin wrappers over the library; errors are one line and exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from projidx.errors import ProjidxError
+
+PROJECTORS = ("sjlt", "dense", "identity")
+
+
+def _fail_cleanly(fn):
+    """Turn library errors (and the usual I/O ones) into a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ProjidxError as e:
+            raise click.ClickException(str(e)) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            raise click.ClickException(f"{e.strerror}: {e.filename}") from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="projidx")
+def main() -> None:
+    """Training-data attribution for diffusion models (Diffusion-TracIn / Diffusion-ReTrac)."""
+
+
+@main.command()
+@click.option("--data", required=True, help="digits, digits:train, digits:test, or an .npz with 'images'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
+@click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--checkpoints", default=4, show_default=True, type=click.IntRange(1), help="Checkpoints to keep.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--loss", type=click.Choice(["mse", "l1"]), default="mse", show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--width", default=32, show_default=True, type=click.IntRange(8), help="UNet base channels.")
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
+@_fail_cleanly
+def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule) -> None:
+    """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
+    from projidx.data import load_dataset
+    from projidx.diffusion import NoiseSchedule
+    from projidx.train import TrainConfig
+    from projidx.train import train as run_train
+    from projidx.unet import UNetConfig
+
+    config = TrainConfig(epochs=epochs, checkpoints=checkpoints, seed=seed, loss=loss, lr=lr,
+                         batch_size=batch_size, schedule=NoiseSchedule(schedule), unet=UNetConfig(base=width))
+    ckpts = run_train(load_dataset(data), out, config)
+    click.echo(f"wrote {len(ckpts.checkpoints)} checkpoints to {out}")
+
+
+@main.command()
+@click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(), help="Checkpoint directory.")
+@click.option("--data", required=True, help="The training data the checkpoints were trained on.")
+@click.option("--store", required=True, type=click.Path(), help="Zarr store to create or resume.")
+@click.option("--train-timesteps", type=click.Choice(["replay", "grid"]), default=None,
+              help="replay (default when recorded) or a grid of --timesteps timesteps.")
+@click.option("--timesteps", default=10, show_default=True, type=int, help="Grid size in grid mode.")
+@click.option("--proj-dim", default=2048, show_default=True, type=int)
+@click.option("--projector", type=click.Choice(PROJECTORS), default="sjlt", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the projection and of every noise draw.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Gradients per vmap call.")
+@click.option("--chunk-rows", default=256, show_default=True, type=int, help="Store rows per chunk.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@_fail_cleanly
+def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, projector, seed, batch_size,
+              chunk_rows, dtype, device) -> None:
+    """Per-sample gradients of every training image at every checkpoint, projected into a store."""
+    import time
+
+    from projidx.checkpoints import load_checkpoint_dir
+    from projidx.data import load_dataset
+    from projidx.featurize import FeaturizeConfig
+    from projidx.featurize import featurize as run_featurize
+
+    if proj_dim < 1:
+        raise ProjidxError(f"--proj-dim must be >= 1, got {proj_dim}")
+    if timesteps < 1:
+        raise ProjidxError(f"--timesteps must be >= 1, got {timesteps}")
+    ckpts = load_checkpoint_dir(ckpt_dir)
+    images = load_dataset(data)
+    mode = train_timesteps or ("replay" if _has_replay(ckpts) else "grid")
+    config = FeaturizeConfig(projector=projector, proj_dim=proj_dim, seed=seed, dtype=dtype, train_timesteps=mode,
+                             timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device)
+    start = time.perf_counter()
+    fs = run_featurize(ckpts, images, store, config)
+    click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({mode}) into {store}"
+               f" in {time.perf_counter() - start:.1f}s")
+    del fs
+
+
+def _has_replay(ckpts) -> bool:
+    return "replay_ids" in ckpts.checkpoints[0].load()
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path())
+@click.option("--method", required=True, type=click.Choice(["tracin", "retrac", "cosine"]))
+@click.option("--factory", default="Flat", show_default=True, help="FAISS index-factory string.")
+@_fail_cleanly
+def index(store, method, factory) -> None:
+    """Build a top-k index whose inner product is the method's score."""
+    from projidx.index import build_index
+    from projidx.store import FeatureStore
+
+    path = build_index(FeatureStore.open(store), method, factory)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path())
+@click.option("--data", required=True, help="Query images: digits:test, an .npz, ...")
+@click.option("--method", required=True, type=click.Choice(["tracin", "retrac", "cosine"]))
+@click.option("--top-k", default=10, show_default=True, type=int)
+@click.option("--query-timesteps", default=10, show_default=True, type=click.IntRange(1),
+              help="Size of the query timestep grid S (the paper: 100).")
+@click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1),
+              help="Noise draws R averaged per timestep (the paper: 16).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="RESULTS.json to write.")
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid.")
+@click.option("--exact", is_flag=True, help="Exact streaming scan of the store instead of the index.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N query images.")
+@_fail_cleanly
+def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit) -> None:
+    """Top-k influential training samples for each query image."""
+    from projidx.attribute import attribute, training_images
+    from projidx.data import load_dataset
+    from projidx.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    queries = load_dataset(data)
+    if limit is not None:
+        queries = queries.subset(slice(0, limit))
+    result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
+                       noise_draws=noise_draws, progress=True)
+    Path(out).write_text(json.dumps(result.to_json(), indent=1))
+    if png:
+        from projidx.viz import attribution_grid
+
+        tops = training_images(fs, result.ids)
+        attribution_grid(png, queries.images.numpy(), tops, result.scores, title=method)
+    click.echo(f"wrote {out}" + (f" and {png}" if png else ""))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@_fail_cleanly
+def info(store) -> None:
+    """Print a store's metadata and completeness."""
+    from projidx.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    meta = fs.meta.to_dict()
+    meta.pop("projector")
+    done = {cid: f"{int(fs.done(cid).sum())}/{fs.n_chunks}" for cid in fs.meta.checkpoint_ids}
+    click.echo(json.dumps({"projector": fs.meta.projector.describe(), "chunks_done": done,
+                           "bytes_on_disk": fs.nbytes_on_disk(), **meta}, indent=2))
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the report and PNGs.")
+@click.option("--cache", type=click.Path(file_okay=False), default=None,
+              help="Where the trained demo model is cached (default $PROJIDX_CACHE or ~/.cache/projidx).")
+@_fail_cleanly
+def demo(out, cache) -> None:
+    """Train (or reuse) a DDPM on digits, index it, and attribute held-out digits with TracIn and ReTrac."""
+    from projidx.demo import run_demo
+
+    report = run_demo(Path(out), cache)
+    click.echo(json.dumps(report["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""DDPM noise schedules, the noise-prediction loss, and reproducible noise.
+
+Images x0 are float tensors in [-1, 1], shaped (B, C, H, W). Timesteps are integers in [0, T).
+Every noise draw used for attribution comes from :func:`noise_for`, a pure function of
+(seed, sample id, checkpoint, timestep, draw index): the same sample gets the same noise whatever
+the batch, order, worker or machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from projidx.seeding import generator
+
+LOSSES = ("mse", "l1")
+SCHEDULES = ("linear", "cosine")
+
+
+class EpsModel(Protocol):
+    """Any epsilon-prediction network: ``eps = model(x_t, t)`` with x_t (B, C, H, W), t (B,) int64."""
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete DDPM schedule: ``kind`` in {linear, cosine}, ``T`` steps."""
+
+    kind: str = "linear"
+    T: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.kind!r}; expected one of {SCHEDULES}")
+        if self.T < 2:
+            raise ValueError(f"T must be >= 2, got {self.T}")
+
+    def betas(self) -> torch.Tensor:
+        """(T,) float64 betas: linear 1e-4..0.02 (Ho et al.), or cosine (Nichol & Dhariwal)."""
+        if self.kind == "linear":
+            scale = 1000.0 / self.T
+            return torch.linspace(scale * 1e-4, scale * 0.02, self.T, dtype=torch.float64)
+        s = 0.008
+        steps = torch.arange(self.T + 1, dtype=torch.float64) / self.T
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float64 abar_t = prod_{s<=t} (1 - beta_s)."""
+        return torch.cumprod(1 - self.betas(), dim=0)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "T": self.T}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoiseSchedule:
+        return cls(kind=str(d["kind"]), T=int(d["T"]))
+
+
+def timestep_grid(n: int, T: int) -> list[int]:
+    """``n`` evenly spaced integer timesteps from 1 to T-1 (the paper's query grid for n=100, T=1000)."""
+    if n < 1:
+        raise ValueError(f"the number of timesteps must be >= 1, got {n}")
+    if n == 1:
+        return [T // 2]
+    return sorted({int(round(v)) for v in np.linspace(1, T - 1, n)})
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """Forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. Shapes (B, ...) with t (B,)."""
+    a = abar.to(x0.device, x0.dtype)[t].reshape(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def per_sample_loss(eps_pred: torch.Tensor, eps: torch.Tensor, loss: str) -> torch.Tensor:
+    """(B,) loss per sample: mean over pixels of the squared (mse) or absolute (l1) error."""
+    diff = eps_pred - eps
+    if loss == "mse":
+        err = diff.square()
+    elif loss == "l1":
+        err = diff.abs()
+    else:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+    return err.flatten(1).mean(dim=1)
+
+
+def diffusion_loss(
+    model: EpsModel | nn.Module,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    abar: torch.Tensor,
+    loss: str,
+) -> torch.Tensor:
+    """(B,) noise-prediction loss L(theta; x0, t, eps) of ``model`` at each sample's own t and eps."""
+    return per_sample_loss(model(q_sample(x0, t, eps, abar), t), eps, loss)
+
+
+def noise_for(
+    seed: int,
+    sample_ids: Sequence[int],
+    checkpoint: int,
+    timesteps: Sequence[int],
+    draw: int,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    """(B, *shape) float32 standard-normal noise; row b depends on (seed, ids[b], checkpoint, t[b], draw) only.
+
+    Generated on the CPU (bit-identical on every machine), the caller moves it to its device.
+    """
+    out = torch.empty((len(sample_ids), *shape), dtype=torch.float32)
+    for b, (sid, t) in enumerate(zip(sample_ids, timesteps, strict=True)):
+        gen = generator("noise", seed, int(sid), checkpoint, int(t), draw)
+        out[b] = torch.randn(tuple(shape), generator=gen)
+    return out
+
+
+class DiffusersEps(nn.Module):
+    """Adapter: a diffusers ``UNet2DModel`` as an :class:`EpsModel` (returns ``.sample``)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t).sample
+
+
+def schedule_from_diffusers(scheduler: object) -> NoiseSchedule:
+    """The :class:`NoiseSchedule` matching a diffusers ``DDPMScheduler`` (linear or squaredcos_cap_v2)."""
+    config = scheduler.config  # type: ignore[attr-defined]
+    kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+    if config.beta_schedule not in kinds:
+        raise ValueError(f"unsupported diffusers beta_schedule {config.beta_schedule!r}")
+    schedule = NoiseSchedule(kinds[config.beta_schedule], int(config.num_train_timesteps))
+    ours = schedule.alphas_cumprod().float()
+    theirs = scheduler.alphas_cumprod.float()  # type: ignore[attr-defined]
+    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6):
+        raise ValueError("the diffusers scheduler's betas differ from projidx's schedule of the same name")
+    return schedule

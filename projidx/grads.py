@@ -1,0 +1,90 @@
+"""Per-sample gradients of the diffusion loss with ``torch.func`` (``functional_call``, ``vmap``, ``grad``).
+
+A gradient is a dict ``{parameter name: (B, *parameter shape)}`` over the trainable parameters, in
+sorted-name order; it is never concatenated into a flat (B, p) tensor. For a sample x with R noise
+draws eps_1..eps_R at timestep t, the gradient returned is that of the mean loss over the draws,
+which by linearity is the mean of the R per-draw gradients (the paper's query-side gbar).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from projidx.diffusion import NoiseSchedule, per_sample_loss, q_sample
+
+Grads = dict[str, torch.Tensor]
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: detached parameter} for every parameter with ``requires_grad``, sorted by name."""
+    return {n: p.detach() for n, p in sorted(model.named_parameters()) if p.requires_grad}
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the trainable parameters: the projector's input layout."""
+    return {n: tuple(p.shape) for n, p in trainable_parameters(model).items()}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model class and its trainable parameters' names and shapes (not their values)."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, shape in parameter_shapes(model).items():
+        h.update(f"{name}:{shape};".encode())
+    return h.hexdigest()
+
+
+class GradientComputer:
+    """Per-sample loss gradients of an epsilon-prediction model at given (x0, t, eps).
+
+    ``model`` is any ``nn.Module`` with ``eps = model(x_t, t)``; it is put in eval mode. Load each
+    checkpoint's weights with :meth:`load_state_dict`.
+    """
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, loss: str, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.loss = loss
+        self.abar = schedule.alphas_cumprod().to(self.device, torch.float32)
+        self._refresh()
+        self._vmapped = vmap(grad(self._sample_loss), in_dims=(None, 0, 0, 0))
+
+    def _refresh(self) -> None:
+        self.params = trainable_parameters(self.model)
+        self.buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+        self.buffers.update(frozen)
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a checkpoint's weights (strict: every key must match the model)."""
+        self.model.load_state_dict(state_dict, strict=True)
+        self._refresh()
+
+    def _sample_loss(
+        self, params: dict[str, torch.Tensor], x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean loss of one sample x0 (C,H,W) at timestep t () over its R draws eps (R,C,H,W)."""
+        r = eps.shape[0]
+        xs = x0.unsqueeze(0).expand(r, *x0.shape)
+        ts = t.reshape(1).expand(r)
+        pred = functional_call(self.model, (params, self.buffers), (q_sample(xs, ts, eps, self.abar), ts))
+        return per_sample_loss(pred, eps, self.loss).mean()
+
+    def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Grads:
+        """Per-sample gradients.
+
+        x0: (B, C, H, W); t: (B,) int64; eps: (B, R, C, H, W) noise draws per sample.
+        Returns {name: (B, *shape)} float32 on the computer's device: grad of mean_r L(x0_b, t_b, eps_b,r).
+        """
+        return self._vmapped(
+            self.params, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device)
+        )
+
+
+def squared_norms(grads: Grads) -> torch.Tensor:
+    """(B,) float32 squared L2 norm of each sample's gradient over all parameters together."""
+    return sum(g.flatten(1).float().square().sum(dim=1) for _, g in sorted(grads.items()))  # type: ignore[return-value]

@@ -1,0 +1,124 @@
+"""Top-k indices over a store, built so that inner product equals a method's score.
+
+The training vectors of :mod:`projidx.scoring` (checkpoint weights, normalization and timestep
+aggregation folded in) go into a FAISS index made from an index-factory string ("Flat", "IVF256,Flat",
+"HNSW32", "IVF256,PQ32", ...) with the inner-product metric. Indices live next to the store, in
+``STORE.index/<method>.faiss`` with a JSON sidecar tying them to the store they came from.
+
+Without FAISS installed, "Flat" still works: the vectors are saved as ``<method>.npy`` and searched
+exactly with a torch matmul + top-k (on CPU that beats faiss-cpu's flat index). Any other factory
+string then fails with a clear error. FAISS's GPU is used only when ``faiss.get_num_gpus() > 0``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from projidx.errors import ProjidxError
+from projidx.scoring import METHODS, train_vectors
+from projidx.store import FeatureStore
+
+
+def faiss_module():
+    """The ``faiss`` module, or None if neither projidx[cpu] nor projidx[gpu] is installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def index_dir(store: FeatureStore) -> Path:
+    return store.path.with_name(store.path.name + ".index")
+
+
+@dataclass
+class SearchIndex:
+    """A loaded index: ``search(query_vectors (M, d), k) -> (scores (M, k), ids (M, k))``, best first."""
+
+    method: str
+    factory: str
+    ids: np.ndarray  # (N,) row -> sample id
+    faiss_index: object | None = None
+    vectors: torch.Tensor | None = None  # torch-flat backend
+
+    def search(self, qv: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise ProjidxError(f"top-k must be >= 1, got {k}")
+        k = min(k, len(self.ids))
+        if self.vectors is not None:
+            top = torch.topk(torch.from_numpy(qv) @ self.vectors.T, k, dim=1)
+            scores, rows = top.values.numpy(), top.indices.numpy()
+        else:
+            scores, rows = self.faiss_index.search(np.ascontiguousarray(qv, dtype=np.float32), k)  # type: ignore[attr-defined]
+        ids = np.where(rows >= 0, self.ids[np.clip(rows, 0, None)], -1)
+        return scores, ids
+
+
+def _all_vectors(store: FeatureStore, method: str) -> np.ndarray:
+    return np.concatenate([train_vectors(store, method, i) for i in range(store.n_chunks)])
+
+
+def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path:
+    """Build and save the ``method`` index of a complete store; returns the index file's path."""
+    if method not in METHODS:
+        raise ProjidxError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if not store.is_complete():
+        raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
+    faiss = faiss_module()
+    out = index_dir(store)
+    out.mkdir(exist_ok=True)
+    vectors = _all_vectors(store, method)
+    if faiss is None:
+        if factory != "Flat":
+            raise ProjidxError(
+                f"index factory {factory!r} needs FAISS: pip install 'projidx[cpu]' (or [gpu]);"
+                " only 'Flat' works without it"
+            )
+        path, backend = out / f"{method}.npy", "torch"
+        np.save(path, vectors)
+    else:
+        try:
+            index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ProjidxError(f"invalid index factory string {factory!r}: {str(e).splitlines()[-1]}") from e
+        if not index.is_trained:
+            index.train(vectors)
+        index.add(vectors)
+        path, backend = out / f"{method}.faiss", "faiss"
+        faiss.write_index(index, str(path))
+    sidecar = {"method": method, "factory": factory, "backend": backend, "store_uuid": store.uuid,
+               "n": store.meta.n, "dim": int(vectors.shape[1]), "file": path.name}
+    (out / f"{method}.json").write_text(json.dumps(sidecar, indent=2))
+    return path
+
+
+def load_index(store: FeatureStore, method: str, nprobe: int | None = None) -> SearchIndex:
+    """Load the saved ``method`` index of ``store``; refuses one built from another store."""
+    sidecar = index_dir(store) / f"{method}.json"
+    if not sidecar.is_file():
+        raise ProjidxError(
+            f"no {method} index for store {store.path}: run 'projidx index --store {store.path} --method {method}'"
+            " or query with --exact"
+        )
+    meta = json.loads(sidecar.read_text())
+    if meta["store_uuid"] != store.uuid or meta["n"] != store.meta.n:
+        raise ProjidxError(f"the {method} index in {sidecar.parent} was built from another store; rebuild it")
+    path = sidecar.parent / meta["file"]
+    ids = store.ids()
+    if meta["backend"] == "torch":
+        return SearchIndex(method, meta["factory"], ids, vectors=torch.from_numpy(np.load(path)))
+    faiss = faiss_module()
+    if faiss is None:
+        raise ProjidxError(f"the {method} index is a FAISS index: pip install 'projidx[cpu]' (or [gpu])")
+    index = faiss.read_index(str(path))
+    if nprobe is not None:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return SearchIndex(method, meta["factory"], ids, faiss_index=index)

@@ -1,0 +1,184 @@
+"""The stored scores are the paper's formulas; replay, resume and indices are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import projidx.index as index_module
+import projidx.train as train_module
+from projidx.checkpoints import load_checkpoint_dir
+from projidx.data import from_arrays
+from projidx.diffusion import diffusion_loss, noise_for, timestep_grid
+from projidx.featurize import FeaturizeConfig, featurize, featurize_queries
+from projidx.index import build_index, load_index
+from projidx.scoring import exact_scores, exact_topk, query_vectors
+from projidx.store import FeatureStore
+from projidx.train import TrainConfig, train
+from tests.conftest import TINY_TRAIN, TINY_UNET
+
+SEED = 5
+S, R, K = 3, 2, 3
+
+
+def _flat_grad(model, x0, t, eps, abar, loss) -> torch.Tensor:
+    """Reference gradient: one plain backward pass, mean over the R draws in eps (R, C, H, W)."""
+    r = eps.shape[0]
+    value = diffusion_loss(model, x0[None].expand(r, *x0.shape), torch.full((r,), t), eps, abar, loss).mean()
+    grads = torch.autograd.grad(value, [p for _, p in sorted(model.named_parameters())])
+    return torch.cat([g.flatten() for g in grads]).double()
+
+
+def _reference(ckpts, data, queries, mode):
+    """TracIn / ReTrac / cosine (M, N) computed from scratch from METHOD.md's formulas, no projection."""
+    model = ckpts.model
+    abar = ckpts.schedule.alphas_cumprod().float()
+    shape = data.image_shape
+    grid_s = timestep_grid(S, ckpts.schedule.T)
+    scores = {m: np.zeros((len(queries), len(data))) for m in ("tracin", "retrac", "cosine")}
+    for c, ckpt in enumerate(ckpts.checkpoints):
+        blob = ckpt.load()
+        model.load_state_dict(blob["state_dict"])
+        replay = dict(zip(blob["replay_ids"].tolist(), blob["replay_timesteps"].tolist(), strict=True))
+        train_g = []
+        for x0, sid in zip(data.images, data.ids.tolist(), strict=True):
+            ts = [replay[sid]] if mode == "replay" else timestep_grid(K, ckpts.schedule.T)
+            train_g.append([_flat_grad(model, x0, t, noise_for(SEED, [sid], c, [t], 0, shape), abar, ckpts.loss)
+                            for t in ts])
+        for i, (x0, qid) in enumerate(zip(queries.images, queries.ids.tolist(), strict=True)):
+            gbar = []
+            for t in grid_s:
+                eps = torch.cat([noise_for(SEED, [qid], c, [t], r + 1, shape) for r in range(R)])
+                gbar.append(_flat_grad(model, x0, t, eps, abar, ckpts.loss))
+            q_mean = torch.stack(gbar).mean(0)
+            q_unit = torch.stack([g / g.norm() for g in gbar]).mean(0)
+            for j, gs in enumerate(train_g):
+                g_mean = torch.stack(gs).mean(0)
+                g_unit = torch.stack([g / g.norm() for g in gs]).mean(0)
+                scores["tracin"][i, j] += ckpt.weight * float(g_mean @ q_mean)
+                scores["retrac"][i, j] += ckpt.weight * float(g_unit @ q_unit)
+                scores["cosine"][i, j] += ckpt.weight * float(g_mean @ q_mean / (g_mean.norm() * q_mean.norm()))
+    return scores
+
+
+@pytest.mark.parametrize("mode", ["replay", "grid"])
+def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tiny_data, tiny_queries, mode):
+    data = tiny_data.subset(slice(0, 12))
+    queries = tiny_queries.subset(slice(0, 3))
+    config = FeaturizeConfig(projector="identity", seed=SEED, dtype="float32", train_timesteps=mode,
+                             timesteps=K, batch_size=7, chunk_rows=5)
+    store = featurize(tiny_ckpts, data, tmp_path / "s.zarr", config, progress=False)
+    qf = featurize_queries(store, tiny_ckpts, queries, query_timesteps=S, noise_draws=R, batch_size=5,
+                           progress=False)
+    ref = _reference(tiny_ckpts, data, queries, mode)
+    for method, expected in ref.items():
+        got = exact_scores(store, query_vectors(store, qf, method), method)
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max(), err_msg=method)
+
+
+def test_replayed_timesteps_are_the_ones_training_drew(tmp_path, monkeypatch):
+    gen = np.random.default_rng(0)
+    data = from_arrays(gen.integers(0, 256, (24, 8, 8), dtype=np.uint8), np.arange(500, 524), name="random")
+    calls = []
+
+    def recording_loss(model, x0, t, eps, abar, loss):
+        calls.append((x0.clone(), t.clone()))
+        return diffusion_loss(model, x0, t, eps, abar, loss)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    config = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 4, "checkpoints": 2, "batch_size": 10})
+    ckpts = train(data, tmp_path / "ck", config, progress=False)
+    monkeypatch.undo()
+    store = featurize(ckpts, data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=16, chunk_rows=8), progress=False)
+    per_epoch = 3  # ceil(24 / 10) batches
+    flat = data.images.reshape(len(data), -1)
+    for cid, epoch in zip(store.meta.checkpoint_ids, (2, 4), strict=True):
+        drawn = {}
+        for x0, t in calls[(epoch - 1) * per_epoch : epoch * per_epoch]:
+            for row, tt in zip(x0.reshape(len(x0), -1), t.tolist(), strict=True):
+                j = int((flat == row).all(dim=1).nonzero()[0, 0])
+                drawn[int(data.ids[j])] = tt
+        assert len(drawn) == len(data)
+        stored = np.asarray(store.group[f"timesteps/{cid}"][:])[:, 0]
+        assert stored.tolist() == [drawn[int(i)] for i in data.ids]
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, tiny_ckpts, tiny_data):
+    config = FeaturizeConfig(proj_dim=64, batch_size=4, chunk_rows=8, dtype="float16")
+    whole = featurize(tiny_ckpts, tiny_data, tmp_path / "whole.zarr", config, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    written = []
+
+    def stop_after_three(cid, chunk):
+        written.append((cid, chunk))
+        if len(written) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        featurize(tiny_ckpts, tiny_data, tmp_path / "part.zarr", config, progress=False, on_chunk=stop_after_three)
+    partial = FeatureStore.open(tmp_path / "part.zarr")
+    assert 0 < sum(int(partial.done(c).sum()) for c in partial.meta.checkpoint_ids) < 2 * partial.n_chunks
+    recomputed = []
+    resumed = featurize(tiny_ckpts, tiny_data, tmp_path / "part.zarr", config, progress=False,
+                        on_chunk=lambda cid, chunk: recomputed.append((cid, chunk)))
+    assert not set(written) & set(recomputed)  # only the missing chunks were computed
+    assert len(written) + len(recomputed) == 2 * whole.n_chunks
+    for name in ("features", "norms", "mean_norms", "timesteps", "done"):
+        for cid in whole.meta.checkpoint_ids:
+            a = np.asarray(whole.group[f"{name}/{cid}"][:])
+            b = np.asarray(resumed.group[f"{name}/{cid}"][:])
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (name, cid)
+
+
+def test_same_gradient_features_whatever_the_batch_size(tmp_path, tiny_ckpts, tiny_data):
+    a = featurize(tiny_ckpts, tiny_data, tmp_path / "a.zarr",
+                  FeaturizeConfig(proj_dim=64, batch_size=3, chunk_rows=7, dtype="float32"), progress=False)
+    b = featurize(tiny_ckpts, tiny_data, tmp_path / "b.zarr",
+                  FeaturizeConfig(proj_dim=64, batch_size=16, chunk_rows=16, dtype="float32"), progress=False)
+    cid = a.meta.checkpoint_ids[-1]
+    for name in ("features", "norms"):
+        np.testing.assert_allclose(a.group[f"{name}/{cid}"][:], b.group[f"{name}/{cid}"][:], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_faiss", [True, False])
+def test_flat_index_top_k_equals_exact_scoring(tmp_path, tiny_ckpts, tiny_data, tiny_queries, monkeypatch, with_faiss):
+    store = featurize(tiny_ckpts, tiny_data, tmp_path / "s.zarr",
+                      FeaturizeConfig(proj_dim=128, chunk_rows=16, dtype="float32"), progress=False)
+    qf = featurize_queries(store, tiny_ckpts, tiny_queries, 4, 2, progress=False)
+    if not with_faiss:
+        monkeypatch.setattr(index_module, "faiss_module", lambda: None)
+    for method in ("tracin", "retrac", "cosine"):
+        path = build_index(store, method, "Flat")
+        assert path.suffix == (".faiss" if with_faiss else ".npy")
+        qv = query_vectors(store, qf, method)
+        scores, ids = load_index(store, method).search(qv, 7)
+        exact_s, exact_i = exact_topk(store, qv, method, 7)
+        full = exact_scores(store, qv, method)
+        np.testing.assert_array_equal(ids, exact_i)
+        np.testing.assert_allclose(scores, exact_s, rtol=1e-5, atol=1e-6 * np.abs(exact_s).max())
+        # and the exact top-k is the top-k of the full score matrix
+        order = np.argsort(-full, axis=1)[:, :7]
+        np.testing.assert_array_equal(exact_i, store.ids()[order])
+
+
+def test_ivf_index_with_full_probe_is_exact(tmp_path, tiny_ckpts, tiny_data, tiny_queries):
+    pytest.importorskip("faiss", reason="needs projidx[cpu] or projidx[gpu]")
+    store = featurize(tiny_ckpts, tiny_data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=64), progress=False)
+    qf = featurize_queries(store, tiny_ckpts, tiny_queries, 3, 1, progress=False)
+    build_index(store, "retrac", "IVF4,Flat")
+    qv = query_vectors(store, qf, "retrac")
+    _, ids = load_index(store, "retrac", nprobe=4).search(qv, 5)
+    np.testing.assert_array_equal(ids, exact_topk(store, qv, "retrac", 5)[1])
+
+
+def test_checkpoint_files_load_weights_only(tiny_ckpt_dir):
+    ckpts = load_checkpoint_dir(tiny_ckpt_dir)
+    for ckpt in ckpts.checkpoints:
+        blob = torch.load(ckpt.path, weights_only=True)
+        assert set(blob) == {"state_dict", "replay_ids", "replay_timesteps"}
+    assert [c.weight for c in ckpts.checkpoints] == pytest.approx([TINY_TRAIN.lr * 3 * 2] * 2)  # 3 steps/epoch
+    assert ckpts.model.config == TINY_UNET
