@@ -62,6 +62,7 @@ def attribute(
     """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index)."""
     if method not in METHODS:
         raise ProjidxError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    index = None if exact else load_index(store, method, nprobe=nprobe)  # fail before featurizing
     if isinstance(queries, ImageSet):
         queries = featurize_queries(store, ckpts or store_checkpoints(store), queries, query_timesteps,
                                     noise_draws, progress=progress)
@@ -69,7 +70,7 @@ def attribute(
     if exact:
         scores, ids = exact_topk(store, qv, method, top_k)
     else:
-        scores, ids = load_index(store, method, nprobe=nprobe).search(qv, top_k)
+        scores, ids = index.search(qv, top_k)
     return Attribution(method, top_k, queries.ids, ids, scores)
 
 

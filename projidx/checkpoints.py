@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from projidx.diffusion import LOSSES, NoiseSchedule
-from projidx.errors import ProjidxError
+from projidx.errors import ProjidxError, one_line
 from projidx.unet import SmallUNet, UNetConfig
 
 MANIFEST = "manifest.json"
@@ -51,7 +51,7 @@ class Checkpoint:
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ProjidxError(f"checkpoint {self.id}: cannot read {self.path} ({e})") from e
+            raise ProjidxError(f"checkpoint {self.id}: cannot read {self.path} ({one_line(e)})") from e
 
 
 @dataclass

@@ -22,11 +22,20 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except ProjidxError as e:
-            raise click.ClickException(str(e)) from None
+            _close_progress_bars()
+            raise click.ClickException(" ".join(str(e).split())) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             raise click.ClickException(f"{e.strerror}: {e.filename}") from None
 
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar an error interrupted, so the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 @click.group()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projidx.errors import ProjidxError
+from projidx.errors import ProjidxError, one_line
 
 DIGITS_TRAIN = 1500
 
@@ -77,7 +77,7 @@ def from_npz(path: Path) -> ImageSet:
     except ProjidxError:
         raise
     except Exception as e:  # zip/format errors from numpy
-        raise ProjidxError(f"data {path}: not a readable .npz file ({e})") from e
+        raise ProjidxError(f"data {path}: not a readable .npz file ({one_line(e)})") from e
     return from_arrays(images, ids, name=str(path.resolve()))
 
 

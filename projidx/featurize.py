@@ -23,7 +23,7 @@ from tqdm import tqdm
 from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet
 from projidx.diffusion import noise_for, timestep_grid
-from projidx.errors import ProjidxError
+from projidx.errors import ProjidxError, one_line
 from projidx.grads import GradientComputer, Grads, model_fingerprint, parameter_shapes, squared_norms
 from projidx.projection import ProjectorSpec, make_projector
 from projidx.store import MODES, Chunk, FeatureStore, StoreMeta
@@ -151,8 +151,7 @@ def featurize(
     try:
         computer.load_state_dict(blobs[0]["state_dict"])
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {first}") from e
+        raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {one_line(e)}") from e
     store = open_or_create(Path(store_path), meta, data.ids.numpy())
     projector = make_projector(spec, config.device)
     todo = [(c, i) for c, cid in enumerate(meta.checkpoint_ids) for i in _pending(store, cid)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projidx.errors import ProjidxError
+from projidx.errors import ProjidxError, one_line
 from projidx.scoring import METHODS, train_vectors
 from projidx.store import FeatureStore
 
@@ -86,7 +86,7 @@ def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path
         try:
             index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
-            raise ProjidxError(f"invalid index factory string {factory!r}: {str(e).splitlines()[-1]}") from e
+            raise ProjidxError(f"invalid index factory string {factory!r} ({one_line(e)})") from e
         if not index.is_trained:
             index.train(vectors)
         index.add(vectors)

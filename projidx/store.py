@@ -28,7 +28,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from projidx.diffusion import NoiseSchedule
-from projidx.errors import ProjidxError
+from projidx.errors import ProjidxError, one_line
 from projidx.projection import ProjectorSpec
 
 FORMAT_VERSION = 1
@@ -101,7 +101,7 @@ class StoreMeta:
         )
 
     def difference(self, other: StoreMeta) -> str | None:
-        """The first field (in a user's words) in which ``other`` differs from this, or None."""
+        """The fields (in a user's words, comma-separated) in which ``other`` differs from this, or None."""
         names = {
             "projector": "projector spec",
             "model_fingerprint": "model",
@@ -116,10 +116,8 @@ class StoreMeta:
             "noise_seed": "noise seed",
             "chunk_rows": "chunk size",
         }
-        for attr, label in names.items():
-            if getattr(self, attr) != getattr(other, attr):
-                return label
-        return None
+        differ = [label for attr, label in names.items() if getattr(self, attr) != getattr(other, attr)]
+        return ", ".join(differ) or None
 
 
 def _array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str, fill) -> None:
@@ -187,7 +185,7 @@ class FeatureStore:
         except KeyError as e:
             raise ProjidxError(f"store {path}: not a projidx store (no projidx metadata)") from e
         except Exception as e:
-            raise ProjidxError(f"store {path}: cannot be opened ({e})") from e
+            raise ProjidxError(f"store {path}: cannot be opened ({one_line(e)})") from e
         if attrs.get("format_version") != FORMAT_VERSION:
             raise ProjidxError(f"store {path}: format version {attrs.get('format_version')} (this is {FORMAT_VERSION})")
         return cls(path, group, StoreMeta.from_dict(attrs), attrs["uuid"])
@@ -242,7 +240,7 @@ class FeatureStore:
             )
         except Exception as e:
             raise ProjidxError(
-                f"{where} is corrupted ({type(e).__name__}: {e}); re-run 'projidx featurize' to recompute it"
+                f"{where} is corrupted ({type(e).__name__}: {one_line(e)}); re-run 'projidx featurize' to recompute it"
             ) from e
         finite = np.isfinite(data.features).all() and np.isfinite(data.norms).all()
         if not finite or not np.isfinite(data.mean_norms).all() or (data.timesteps < 0).any():
