@@ -58,6 +58,7 @@ def attribute(
     noise_draws: int = 4,
     progress: bool = False,
     nprobe: int | None = None,
+    device: str = "cpu",
 ) -> Attribution:
     """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index)."""
     if method not in METHODS:
@@ -65,7 +66,7 @@ def attribute(
     index = None if exact else load_index(store, method, nprobe=nprobe)  # fail before featurizing
     if isinstance(queries, ImageSet):
         queries = featurize_queries(store, ckpts or store_checkpoints(store), queries, query_timesteps,
-                                    noise_draws, progress=progress)
+                                    noise_draws, device=device, progress=progress)
     qv = query_vectors(store, queries, method)
     if exact:
         scores, ids = exact_topk(store, qv, method, top_k)
@@ -74,12 +75,18 @@ def attribute(
     return Attribution(method, top_k, queries.ids, ids, scores)
 
 
-def training_images(store: FeatureStore, ids: np.ndarray) -> np.ndarray:
-    """(*ids.shape, C, H, W) the training images with the given sample ids, reloaded from the store's
-    dataset (refused if that data changed since featurization)."""
+def store_dataset(store: FeatureStore) -> ImageSet:
+    """The training data a store was built from, reloaded by name (refused if it changed since)."""
     train = load_dataset(store.meta.dataset_name)
     if train.fingerprint() != store.meta.dataset_fingerprint:
         raise ProjidxError(f"the training data {store.meta.dataset_name} changed since the store was built")
+    return train
+
+
+def training_images(store: FeatureStore, ids: np.ndarray) -> np.ndarray:
+    """(*ids.shape, C, H, W) the training images with the given sample ids (from :func:`store_dataset`);
+    black for id -1."""
+    train = store_dataset(store)
     row = {int(i): r for r, i in enumerate(train.ids.tolist())}
-    images = train.images.numpy()
-    return images[np.vectorize(lambda i: row[int(i)])(ids)]
+    images = np.concatenate([train.images.numpy(), np.full((1, *train.image_shape), -1.0, np.float32)])
+    return images[np.vectorize(lambda i: row.get(int(i), -1))(ids)]  # id -1 (unfilled slot): a blank image

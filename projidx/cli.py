@@ -133,7 +133,7 @@ def index(store, method, factory) -> None:
 @click.option("--store", required=True, type=click.Path())
 @click.option("--data", required=True, help="Query images: digits:test, an .npz, ...")
 @click.option("--method", required=True, type=click.Choice(["tracin", "retrac", "cosine"]))
-@click.option("--top-k", default=10, show_default=True, type=int)
+@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--query-timesteps", default=10, show_default=True, type=click.IntRange(1),
               help="Size of the query timestep grid S (the paper: 100).")
 @click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1),
@@ -142,8 +142,10 @@ def index(store, method, factory) -> None:
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid.")
 @click.option("--exact", is_flag=True, help="Exact streaming scan of the store instead of the index.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N query images.")
+@click.option("--nprobe", type=click.IntRange(1), default=None, help="IVF lists to visit (IVF indices).")
+@click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
 @_fail_cleanly
-def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit) -> None:
+def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, device) -> None:
     """Top-k influential training samples for each query image."""
     from projidx.attribute import attribute, training_images
     from projidx.data import load_dataset
@@ -154,7 +156,7 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     if limit is not None:
         queries = queries.subset(slice(0, limit))
     result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
-                       noise_draws=noise_draws, progress=True)
+                       noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device)
     Path(out).write_text(json.dumps(result.to_json(), indent=1))
     if png:
         from projidx.viz import attribution_grid
@@ -177,6 +179,60 @@ def info(store) -> None:
     done = {cid: f"{int(fs.done(cid).sum())}/{fs.n_chunks}" for cid in fs.meta.checkpoint_ids}
     click.echo(json.dumps({"projector": fs.meta.projector.describe(), "chunks_done": done,
                            "bytes_on_disk": fs.nbytes_on_disk(), **meta}, indent=2))
+
+
+@main.group()
+def analyze() -> None:
+    """Timestep bias, generally influential samples, self-influence (JSON + PNG reports)."""
+
+
+@analyze.command("timestep-bias")
+@click.option("--store", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@_fail_cleanly
+def analyze_timestep_bias(store, out) -> None:
+    """Distribution of exact per-sample gradient norms per checkpoint and timestep."""
+    from projidx.reports import timestep_bias_report
+    from projidx.store import FeatureStore
+
+    bias = timestep_bias_report(FeatureStore.open(store), Path(out))
+    ratios = {cid: round(c["median_max_min_ratio"], 2) for cid, c in bias["checkpoints"].items()}
+    click.echo(f"median-norm max/min ratio over timesteps: {ratios}; wrote {out}")
+
+
+@analyze.command("influence")
+@click.option("--store", required=True, type=click.Path())
+@click.option("--data", required=True, help="Query images.")
+@click.option("--top-k", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--query-timesteps", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="First N query images.")
+@_fail_cleanly
+def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit) -> None:
+    """TracIn vs ReTrac specificity: unique ratio and generally influential samples."""
+    from projidx.data import load_dataset
+    from projidx.reports import influence_report
+    from projidx.store import FeatureStore
+
+    queries = load_dataset(data).subset(slice(0, limit))
+    report = influence_report(FeatureStore.open(store), queries, top_k, Path(out), query_timesteps, noise_draws)
+    click.echo(json.dumps(report["summary"], indent=2))
+
+
+@analyze.command("self-influence")
+@click.option("--store", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--query-timesteps", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--noise-draws", default=2, show_default=True, type=click.IntRange(1))
+@_fail_cleanly
+def analyze_self_influence(store, out, query_timesteps, noise_draws) -> None:
+    """Each training sample's influence on itself, per method (outliers score high)."""
+    from projidx.reports import self_influence_report
+    from projidx.store import FeatureStore
+
+    report = self_influence_report(FeatureStore.open(store), Path(out), query_timesteps, noise_draws)
+    click.echo(json.dumps(report["highest"]))
 
 
 @main.command()

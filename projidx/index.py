@@ -39,7 +39,8 @@ def index_dir(store: FeatureStore) -> Path:
 
 @dataclass
 class SearchIndex:
-    """A loaded index: ``search(query_vectors (M, d), k) -> (scores (M, k), ids (M, k))``, best first."""
+    """A loaded index: ``search(query_vectors (M, d), k) -> (scores (M, k), ids (M, k))``, best first;
+    slots an approximate index could not fill have id -1 and score -inf."""
 
     method: str
     factory: str
@@ -56,8 +57,8 @@ class SearchIndex:
             scores, rows = top.values.numpy(), top.indices.numpy()
         else:
             scores, rows = self.faiss_index.search(np.ascontiguousarray(qv, dtype=np.float32), k)  # type: ignore[attr-defined]
-        ids = np.where(rows >= 0, self.ids[np.clip(rows, 0, None)], -1)
-        return scores, ids
+        found = rows >= 0  # an approximate index returns row -1 when it finds fewer than k
+        return np.where(found, scores, -np.inf), np.where(found, self.ids[np.clip(rows, 0, None)], -1)
 
 
 def _all_vectors(store: FeatureStore, method: str) -> np.ndarray:
@@ -71,25 +72,30 @@ def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     faiss = faiss_module()
+    if faiss is None and factory != "Flat":
+        raise ProjidxError(
+            f"index factory {factory!r} needs FAISS: pip install 'projidx[cpu]' (or [gpu]); only 'Flat' works without"
+        )
+    dim = store.meta.projector.proj_dim * len(store.meta.checkpoints)
+    index = None
+    if faiss is not None:
+        try:
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ProjidxError(f"invalid index factory string {factory!r} ({one_line(e)})") from e
+    vectors = _all_vectors(store, method)
     out = index_dir(store)
     out.mkdir(exist_ok=True)
-    vectors = _all_vectors(store, method)
-    if faiss is None:
-        if factory != "Flat":
-            raise ProjidxError(
-                f"index factory {factory!r} needs FAISS: pip install 'projidx[cpu]' (or [gpu]);"
-                " only 'Flat' works without it"
-            )
+    if index is None:
         path, backend = out / f"{method}.npy", "torch"
         np.save(path, vectors)
     else:
         try:
-            index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+            if not index.is_trained:
+                index.train(vectors)
+            index.add(vectors)
         except RuntimeError as e:
-            raise ProjidxError(f"invalid index factory string {factory!r} ({one_line(e)})") from e
-        if not index.is_trained:
-            index.train(vectors)
-        index.add(vectors)
+            raise ProjidxError(f"FAISS could not build {factory!r} on {len(vectors)} vectors ({one_line(e)})") from e
         path, backend = out / f"{method}.faiss", "faiss"
         faiss.write_index(index, str(path))
     sidecar = {"method": method, "factory": factory, "backend": backend, "store_uuid": store.uuid,
@@ -118,7 +124,10 @@ def load_index(store: FeatureStore, method: str, nprobe: int | None = None) -> S
         raise ProjidxError(f"the {method} index is a FAISS index: pip install 'projidx[cpu]' (or [gpu])")
     index = faiss.read_index(str(path))
     if nprobe is not None:
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        except RuntimeError as e:
+            raise ProjidxError(f"--nprobe applies to IVF indices only, not {meta['factory']!r}") from e
     if faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
     return SearchIndex(method, meta["factory"], ids, faiss_index=index)

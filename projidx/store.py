@@ -37,7 +37,8 @@ MODES = ("replay", "grid")
 
 @dataclass(frozen=True)
 class StoreMeta:
-    """What a store was computed from. Two stores may be mixed only if all but ``checkpoint_dir`` agree."""
+    """What a store was computed from. A store is resumed only if all fields but ``checkpoint_dir`` and
+    ``dataset_name`` (where they were read from) agree: see :meth:`difference`."""
 
     projector: ProjectorSpec
     model_fingerprint: str
@@ -200,7 +201,14 @@ class FeatureStore:
         return slice(start, min(start + self.meta.chunk_rows, self.meta.n))
 
     def ids(self) -> np.ndarray:
-        return np.asarray(self.group["ids"][:])
+        """(N,) int64 sample ids; raises ProjidxError if the array is corrupted or incomplete."""
+        try:
+            ids = np.asarray(self.group["ids"][:])
+        except Exception as e:
+            raise ProjidxError(f"store {self.path}: the ids array is corrupted ({one_line(e)})") from e
+        if (ids < 0).any():
+            raise ProjidxError(f"store {self.path}: the ids array is missing chunks")
+        return ids
 
     def weights(self) -> list[float]:
         return [float(c["weight"]) for c in self.meta.checkpoints]

@@ -46,3 +46,84 @@ def attribution_grid(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def norm_vs_timestep(path: str | Path, bias: dict) -> None:
+    """Median gradient norm (p10-p90 band) against timestep, log scale, one line per checkpoint.
+
+    bias: the dict of :func:`projidx.analysis.timestep_bias`.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cid, entry in bias["checkpoints"].items():
+        rows = entry["by_timestep"]
+        t = [r["timestep"] for r in rows]
+        line = ax.plot(t, [r["median"] for r in rows], marker=".", label=cid)[0]
+        ax.fill_between(t, [r["p10"] for r in rows], [r["p90"] for r in rows], color=line.get_color(), alpha=0.15)
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("per-sample gradient norm ||g||")
+    ax.set_title(f"gradient norm by timestep ({bias['mode']} mode; median, 10-90% band)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def norm_scatter(path: str | Path, norms: dict[str, np.ndarray], timesteps: dict[str, np.ndarray]) -> None:
+    """Each sample's gradient norm against its (replayed) timestep, one colour per checkpoint."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cid in norms:
+        ax.scatter(timesteps[cid].ravel(), norms[cid].ravel(), s=3, alpha=0.4, label=cid)
+    ax.set_yscale("log")
+    ax.set_xlabel("replayed training timestep")
+    ax.set_ylabel("gradient norm")
+    ax.set_title("per-sample gradient norm against its replayed timestep")
+    ax.legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def influence_curves(path: str | Path, stats_by_method: dict[str, dict]) -> None:
+    """Samples in the top-k of at least q queries against q, one line per method (generally influential)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, s in stats_by_method.items():
+        curve = s["generally_influential"]["curve"]
+        ax.plot([c["min_queries"] for c in curve], [c["samples"] for c in curve], marker=".",
+                label=f"{method} (unique ratio {s['unique_ratio']:.2f})")
+    ax.axvline(stats_by_method[next(iter(stats_by_method))]["generally_influential"]["threshold"], color="gray",
+               linestyle=":", label="half the queries")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("q: number of queries whose top-k contains the sample")
+    ax.set_ylabel("training samples in >= q top-k lists")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def appearances_vs_norm(path: str | Path, counts: dict[str, np.ndarray], norms: np.ndarray) -> None:
+    """How often each training sample appears in the queries' top-k, against its gradient norm, per method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, c in counts.items():
+        ax.scatter(norms, c, s=5, alpha=0.5, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("training gradient norm (mean over stored gradients, last checkpoint)")
+    ax.set_ylabel("appearances in top-k lists")
+    ax.legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def score_histogram(path: str | Path, scores: dict[str, np.ndarray], title: str) -> None:
+    """Histogram of per-sample scores (e.g. self-influence), one panel per method."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3), squeeze=False)
+    for ax, (method, s) in zip(axes[0], scores.items(), strict=True):
+        ax.hist(s, bins=50)
+        ax.set_title(method)
+        ax.set_xlabel("score")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
