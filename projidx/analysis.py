@@ -66,9 +66,16 @@ def timestep_bias(store: FeatureStore) -> dict:
         out["checkpoints"][cid] = {
             "by_timestep": table,
             "median_max_min_ratio": float(medians.max() / medians.min()) if medians.min() > 0 else math.inf,
-            "spearman_norm_timestep": float(stats.spearmanr(norms.ravel(), times.ravel()).statistic),
+            "spearman_norm_timestep": spearman(norms.ravel(), times.ravel()),
         }
     return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman correlation of two 1-D arrays, or None where it is undefined (a constant input)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(stats.spearmanr(a, b).statistic)
 
 
 def unique_ratio(top_ids: np.ndarray) -> float:
@@ -105,8 +112,8 @@ def influence_stats(top_ids: np.ndarray, store: FeatureStore) -> dict:
     for cid in store.meta.checkpoint_ids:
         norms, times = stored_norms(store, cid)
         mechanism[cid] = {
-            "spearman_count_norm": float(stats.spearmanr(counts, norms.mean(axis=1)).statistic),
-            "spearman_count_timestep": float(stats.spearmanr(counts, times[:, 0]).statistic),
+            "spearman_count_norm": spearman(counts, norms.mean(axis=1)),
+            "spearman_count_timestep": spearman(counts, times[:, 0]),  # None in grid mode (same timesteps)
         }
     order = np.argsort(-counts, kind="stable")[:20]
     return {

@@ -10,8 +10,7 @@ from pathlib import Path
 import click
 
 from projidx.errors import ProjidxError
-
-PROJECTORS = ("sjlt", "dense", "identity")
+from projidx.featurize import PROJECTOR_CHOICES
 
 
 def _fail_cleanly(fn):
@@ -78,15 +77,18 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
               help="replay (default when recorded) or a grid of --timesteps timesteps.")
 @click.option("--timesteps", default=10, show_default=True, type=int, help="Grid size in grid mode.")
 @click.option("--proj-dim", default=2048, show_default=True, type=int)
-@click.option("--projector", type=click.Choice(PROJECTORS), default="sjlt", show_default=True)
+@click.option("--projector", type=click.Choice(PROJECTOR_CHOICES), default="auto", show_default=True,
+              help="auto: factorized where every layer allows it, else sjlt.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the projection and of every noise draw.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Gradients per vmap call.")
 @click.option("--chunk-rows", default=256, show_default=True, type=int, help="Store rows per chunk.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--objective", type=click.Choice(["loss", "dtrak"]), default="loss", show_default=True,
+              help="Differentiate the training loss (the paper) or D-TRAK's mean squared model output.")
 @_fail_cleanly
 def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, projector, seed, batch_size,
-              chunk_rows, dtype, device) -> None:
+              chunk_rows, dtype, device, objective) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
@@ -103,7 +105,8 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, proje
     images = load_dataset(data)
     mode = train_timesteps or ("replay" if _has_replay(ckpts) else "grid")
     config = FeaturizeConfig(projector=projector, proj_dim=proj_dim, seed=seed, dtype=dtype, train_timesteps=mode,
-                             timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device)
+                             timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
+                             objective=objective)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config)
     click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({mode}) into {store}"

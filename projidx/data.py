@@ -2,7 +2,9 @@
 
 Every dataset is an :class:`ImageSet`: float32 images in [-1, 1] shaped (N, C, H, W) and stable int64
 sample ids. A DATA spec is ``digits``, ``digits:train`` (the first 1,500), ``digits:test`` (the other
-297), or a path to an ``.npz`` holding ``images`` (N, H, W) or (N, C, H, W), uint8 in [0, 255] or float
+297), ``photos`` (1,200 16x16 RGB patches of the two photographs scikit-learn ships, ``photos:train`` = first
+1,000, ``photos:test`` = the rest; ``photos:gray8`` = 8x8 grayscale versions), or a path to an ``.npz``
+holding ``images`` (N, H, W) or (N, C, H, W), uint8 in [0, 255] or float
 already in [-1, 1], and optionally ``ids`` (N,) unique integers (default 0..N-1).
 """
 
@@ -18,6 +20,8 @@ import torch
 from projidx.errors import ProjidxError, one_line
 
 DIGITS_TRAIN = 1500
+PHOTO_PATCHES, PHOTOS_TRAIN = 1200, 1000
+BUILTIN = ("digits", "digits:train", "digits:test", "photos", "photos:train", "photos:test", "photos:gray8")
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,13 @@ class ImageSet:
 
 def load_dataset(spec: str) -> ImageSet:
     """Load a DATA spec (see module docstring); raises :class:`ProjidxError` on bad input."""
-    if spec in ("digits", "digits:train", "digits:test"):
+    if spec.startswith("digits") and spec in BUILTIN:
         return _digits(spec)
+    if spec.startswith("photos") and spec in BUILTIN:
+        return _photos(spec)
     path = Path(spec)
     if not path.exists():
-        raise ProjidxError(f"data {spec!r}: no such file (expected 'digits', 'digits:train', 'digits:test' or .npz)")
+        raise ProjidxError(f"data {spec!r}: no such file (expected one of {', '.join(BUILTIN)} or an .npz path)")
     return from_npz(path)
 
 
@@ -64,6 +70,28 @@ def _digits(spec: str) -> ImageSet:
     images = torch.from_numpy(raw / 16.0 * 2.0 - 1.0)[:, None]
     ids = torch.arange(len(images), dtype=torch.int64)
     rows = {"digits": slice(None), "digits:train": slice(0, DIGITS_TRAIN), "digits:test": slice(DIGITS_TRAIN, None)}
+    return ImageSet(spec, images, ids).subset(rows[spec])
+
+
+def _photos(spec: str) -> ImageSet:
+    """Patches of scikit-learn's two bundled photographs (china.jpg, flower.jpg), downscaled 4x, fixed seed."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(img, dtype=np.float32) for img in load_sample_images().images]  # (427, 640, 3) uint8
+    small = [p[: p.shape[0] // 4 * 4, : p.shape[1] // 4 * 4].reshape(p.shape[0] // 4, 4, p.shape[1] // 4, 4, 3)
+             .mean(axis=(1, 3)) for p in photos]
+    rng = np.random.default_rng(0)
+    patches = []
+    for i in range(PHOTO_PATCHES):
+        img = small[i % len(small)]
+        y, x = rng.integers(0, img.shape[0] - 16), rng.integers(0, img.shape[1] - 16)
+        patches.append(img[y : y + 16, x : x + 16].transpose(2, 0, 1))
+    images = torch.from_numpy(np.stack(patches) / 255.0 * 2.0 - 1.0).float()
+    ids = torch.arange(PHOTO_PATCHES, dtype=torch.int64)
+    if spec == "photos:gray8":
+        gray = images.mean(dim=1, keepdim=True)
+        return ImageSet(spec, gray.reshape(-1, 1, 8, 2, 8, 2).mean(dim=(3, 5)), ids)
+    rows = {"photos": slice(None), "photos:train": slice(0, PHOTOS_TRAIN), "photos:test": slice(PHOTOS_TRAIN, None)}
     return ImageSet(spec, images, ids).subset(rows[spec])
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from projidx.seeding import generator
 
 LOSSES = ("mse", "l1")
+OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
 SCHEDULES = ("linear", "cosine")
 
 
@@ -91,6 +92,16 @@ def per_sample_loss(eps_pred: torch.Tensor, eps: torch.Tensor, loss: str) -> tor
     return err.flatten(1).mean(dim=1)
 
 
+def attribution_output(eps_pred: torch.Tensor, eps: torch.Tensor, loss: str, objective: str) -> torch.Tensor:
+    """(B,) the function whose gradient is attributed: the training loss (``objective="loss"``, the paper) or
+    D-TRAK's mean squared model output ||eps_theta(x_t, t)||^2 / dim (``objective="dtrak"``)."""
+    if objective == "loss":
+        return per_sample_loss(eps_pred, eps, loss)
+    if objective == "dtrak":
+        return eps_pred.square().flatten(1).mean(dim=1)
+    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+
+
 def diffusion_loss(
     model: EpsModel | nn.Module,
     x0: torch.Tensor,
@@ -145,3 +156,25 @@ def schedule_from_diffusers(scheduler: object) -> NoiseSchedule:
     if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6):
         raise ValueError("the diffusers scheduler's betas differ from projidx's schedule of the same name")
     return schedule
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: EpsModel | nn.Module,
+    schedule: NoiseSchedule,
+    n: int,
+    shape: Sequence[int],
+    steps: int = 50,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(n, *shape) images in [-1, 1] from deterministic DDIM (eta = 0) with ``steps`` evenly spaced steps."""
+    abar = schedule.alphas_cumprod().float()
+    times = torch.linspace(schedule.T - 1, 0, steps).round().long().tolist()
+    x = torch.randn((n, *shape), generator=generator("ddim", seed))
+    for i, t in enumerate(times):
+        a_t = abar[t]
+        a_prev = abar[times[i + 1]] if i + 1 < len(times) else torch.tensor(1.0)
+        eps = model(x, torch.full((n,), t, dtype=torch.int64))
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x.clamp(-1, 1)

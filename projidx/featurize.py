@@ -22,18 +22,22 @@ from tqdm import tqdm
 
 from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet
-from projidx.diffusion import noise_for, timestep_grid
+from projidx.diffusion import OBJECTIVES, noise_for, timestep_grid
 from projidx.errors import ProjidxError, one_line
+from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
 from projidx.grads import GradientComputer, Grads, model_fingerprint, parameter_shapes, squared_norms
-from projidx.projection import ProjectorSpec, make_projector
+from projidx.projection import KINDS, Projector, ProjectorSpec, make_projector
 from projidx.store import MODES, Chunk, FeatureStore, StoreMeta
+
+PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector (the CLI's choices)
+PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
 
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
     """Training-side featurization settings. ``batch_size`` counts gradients per vmap call."""
 
-    projector: str = "sjlt"
+    projector: str = "auto"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
     proj_dim: int = 2048
     seed: int = 0
     dtype: str = "float16"
@@ -43,15 +47,31 @@ class FeaturizeConfig:
     batch_size: int = 32
     chunk_rows: int = 256
     device: str = "cpu"
+    objective: str = "loss"
+
+
+def resolve_projector(kind: str, model: torch.nn.Module, objective: str = "loss") -> str:
+    """``auto`` -> ``factorized`` (the fastest kind meeting the fidelity target, docs/performance.md) when
+    every trainable layer of ``model`` is one it supports and the objective is the loss, else ``sjlt``; any
+    other kind is returned as is."""
+    if kind != "auto":
+        return kind
+    if objective != "loss":
+        return "sjlt"
+    try:
+        factorizable_modules(model)
+    except ValueError:
+        return "sjlt"
+    return "factorized"
 
 
 def projector_spec(ckpts: CheckpointSet, config: FeaturizeConfig) -> ProjectorSpec:
     """The :class:`ProjectorSpec` for ``ckpts``' model under ``config`` (identity: k = #params)."""
     shapes = parameter_shapes(ckpts.model)
-    k = sum(int(np.prod(s)) for s in shapes.values()) if config.projector == "identity" else config.proj_dim
+    kind = resolve_projector(config.projector, ckpts.model, config.objective)
+    k = sum(int(np.prod(s)) for s in shapes.values()) if kind == "identity" else config.proj_dim
     try:
-        return ProjectorSpec(config.projector, k, shapes, seed=config.seed, dtype=config.dtype,
-                             sparsity=config.sparsity)
+        return ProjectorSpec(kind, k, shapes, seed=config.seed, dtype=config.dtype, sparsity=config.sparsity)
     except ValueError as e:
         raise ProjidxError(str(e)) from e
 
@@ -77,7 +97,15 @@ def unit_projection(
 
     Non-finite gradients raise ProjidxError naming the sample id and timestep.
     """
-    norms = squared_norms(grads).sqrt()
+    projected, sq, _ = projector.project_with_norms(grads)
+    return _unit(projected, sq, ids, timesteps, cid)
+
+
+def _unit(
+    projected: torch.Tensor, sq_norms: torch.Tensor, ids: torch.Tensor, timesteps: torch.Tensor, cid: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) P g / ||g|| and (B,) ||g|| on the CPU from P g and ||g||^2; ProjidxError if not finite."""
+    norms = sq_norms.sqrt()
     bad = ~torch.isfinite(norms)
     if bad.any():
         b = int(bad.nonzero()[0, 0])
@@ -85,9 +113,40 @@ def unit_projection(
             f"checkpoint {cid}: non-finite gradient for sample id {int(ids[b])} at timestep {int(timesteps[b])}"
             " (not stored)"
         )
-    projected = projector.project(grads)
     scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     return (projected * scale[:, None]).cpu(), norms.cpu()
+
+
+def gradient_computer(
+    ckpts: CheckpointSet, spec: ProjectorSpec, device: str, objective: str = "loss"
+) -> GradientComputer | FactorizedGradients:
+    """The per-sample gradient source for ``spec``: layer factors (factorized) or torch.func gradients."""
+    if spec.kind != "factorized":
+        return GradientComputer(ckpts.model, ckpts.schedule, ckpts.loss, device, objective)
+    if objective != "loss":
+        raise ProjidxError(f"the factorized projector supports the loss objective only, not {objective!r}")
+    try:
+        return FactorizedGradients(ckpts.model, ckpts.schedule, ckpts.loss, device)
+    except ValueError as e:
+        raise ProjidxError(str(e)) from e
+
+
+def project_batch(
+    computer: GradientComputer | FactorizedGradients,
+    projector: Projector,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, k) P g, (B,) ||g||^2, (B/groups,) ||mean over groups g||^2 of B per-sample gradients.
+
+    x0: (B, C, H, W); t: (B,); eps: (B, R, C, H, W). One pass: the factorized path never forms a weight
+    gradient; the others read each parameter's gradient once, for its norm and its projection together.
+    """
+    if isinstance(computer, FactorizedGradients):
+        return project_capture(projector, computer.capture(x0, t, eps), computer.names, groups)  # type: ignore[arg-type]
+    return projector.project_with_norms(computer.per_sample(x0, t, eps), groups)
 
 
 def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
@@ -106,6 +165,7 @@ def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, confi
         timesteps=grid,
         noise_seed=config.seed,
         chunk_rows=config.chunk_rows,
+        objective=config.objective,
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
     )
 
@@ -138,6 +198,8 @@ def featurize(
     """
     if config.train_timesteps not in MODES:
         raise ProjidxError(f"--train-timesteps must be one of {MODES}, got {config.train_timesteps!r}")
+    if config.objective not in OBJECTIVES:
+        raise ProjidxError(f"--objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if data.image_shape != tuple(ckpts.image_shape):
         raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
     if config.batch_size < 1 or config.chunk_rows < 1:
@@ -147,7 +209,7 @@ def featurize(
     blobs = [c.load() for c in ckpts.checkpoints]  # validates every checkpoint before anything is written
     replays = [replay_timesteps(b, data.ids, c.id) for b, c in zip(blobs, ckpts.checkpoints, strict=True)] \
         if config.train_timesteps == "replay" else None
-    computer = GradientComputer(ckpts.model, ckpts.schedule, ckpts.loss, config.device)
+    computer = gradient_computer(ckpts, spec, config.device, config.objective)
     try:
         computer.load_state_dict(blobs[0]["state_dict"])
     except RuntimeError as e:
@@ -189,39 +251,76 @@ def _pending(store: FeatureStore, cid: str) -> list[int]:
 
 
 def _featurize_rows(
-    computer: GradientComputer,
-    projector,
+    computer: GradientComputer | FactorizedGradients,
+    projector: Projector,
     rows: ImageSet,
     times: torch.Tensor,
     c: int,
     cid: str,
     config: FeaturizeConfig,
 ) -> Chunk:
-    """One row-chunk at one checkpoint. times: (n, G) timesteps per sample."""
+    """One row-chunk at one checkpoint. times: (n, G) timesteps per sample.
+
+    Gradients are computed ``batch_size`` at a time (samples x timesteps together) and projected in
+    calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).
+    """
     n, g = times.shape
     per_batch = max(1, config.batch_size // g)
+    per_call = projection_rows(projector, per_batch, g)
     feats, norms, mean_norms = [], [], []
-    for start in range(0, n, per_batch):
-        x0, ids = rows.images[start : start + per_batch], rows.ids[start : start + per_batch]
-        b = len(ids)
-        ids_rep = ids.repeat_interleave(g)
-        t = times[start : start + b].reshape(-1)
-        eps = noise_for(config.seed, ids_rep.tolist(), c, t.tolist(), 0, x0.shape[1:])[:, None]
-        grads = computer.per_sample(x0.repeat_interleave(g, dim=0), t, eps)
-        f, nrm = unit_projection(grads, projector, ids_rep, t, cid)
-        feats.append(f.reshape(b, g, -1))
-        norms.append(nrm.reshape(b, g))
-        if g == 1:
-            mean_norms.append(nrm)
-        else:
-            mean = {name: v.reshape(b, g, *v.shape[1:]).mean(dim=1) for name, v in grads.items()}
-            mean_norms.append(squared_norms(mean).sqrt().cpu())
+    for start in range(0, n, per_call):
+        stop = min(start + per_call, n)
+        ids = rows.ids[start:stop].repeat_interleave(g)
+        t = times[start:stop].reshape(-1)
+        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c, config)
+        f, nrm = _unit(projected, sq, ids, t, cid)
+        feats.append(f.reshape(stop - start, g, -1))
+        norms.append(nrm.reshape(stop - start, g))
+        mean_norms.append(mean_sq.sqrt().cpu())
     return Chunk(
         features=torch.cat(feats).numpy(),
         norms=torch.cat(norms).numpy(),
         mean_norms=torch.cat(mean_norms).numpy(),
         timesteps=times.numpy().astype(np.int32),
     )
+
+
+def projection_rows(projector: Projector, per_batch: int, groups: int) -> int:
+    """Samples per projection call: one gradient batch, or more for projectors that want many rows
+    (``preferred_rows``), as long as their gradients fit in PROJECT_BUFFER_BYTES."""
+    wanted = -(-projector.preferred_rows // groups)
+    if wanted <= per_batch:
+        return per_batch
+    fits = PROJECT_BUFFER_BYTES // max(1, 4 * projector.spec.input_dim * groups)
+    return max(per_batch, min(wanted, fits))
+
+
+def _project_samples(
+    computer: GradientComputer | FactorizedGradients,
+    projector: Projector,
+    rows: ImageSet,
+    times: torch.Tensor,
+    start: int,
+    stop: int,
+    per_batch: int,
+    c: int,
+    config: FeaturizeConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P g, ||g||^2 (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)."""
+    g = times.shape[1]
+
+    def inputs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x0, ids = rows.images[a:b], rows.ids[a:b]
+        t = times[a:b].reshape(-1)
+        eps = noise_for(config.seed, ids.repeat_interleave(g).tolist(), c, t.tolist(), 0, x0.shape[1:])[:, None]
+        return x0.repeat_interleave(g, dim=0), t, eps
+
+    if stop - start <= per_batch:
+        return project_batch(computer, projector, *inputs(start, stop), groups=g)
+    parts = [computer.per_sample(*inputs(a, min(a + per_batch, stop))) for a in range(start, stop, per_batch)]
+    grads = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    del parts
+    return projector.project_with_norms(grads, g)
 
 
 @dataclass
@@ -260,35 +359,44 @@ def featurize_queries(
     if model_fingerprint(ckpts.model) != meta.model_fingerprint or ckpts.describe() != meta.checkpoints:
         raise ProjidxError(f"the checkpoints given are not the ones store {store.path} was built from")
     grid = timestep_grid(query_timesteps, meta.schedule.T)
-    computer = GradientComputer(ckpts.model, meta.schedule, meta.loss, device)
+    computer = GradientComputer(ckpts.model, meta.schedule, meta.loss, device, meta.objective)
     projector = make_projector(meta.projector, device)
-    pairs = [(q, t) for q in range(len(queries)) for t in range(len(grid))]
-    per_batch = max(1, batch_size // noise_draws)
+    per_batch = max(1, batch_size // noise_draws)  # (query, timestep) pairs per vmap call
+    per_block = max(1, per_batch // len(grid))  # queries whose full-gradient sums are held at once
     out = QueryFeatures(queries.ids.numpy(), grid, [], [], [])
-    bar = tqdm(total=len(ckpts.checkpoints) * len(pairs), desc="query features", disable=not progress)
+    bar = tqdm(total=len(ckpts.checkpoints) * len(queries) * len(grid), desc="query features",
+               disable=not progress)
     for c, ckpt in enumerate(ckpts.checkpoints):
         computer.load_state_dict(ckpt.load()["state_dict"])
         feats = torch.zeros(len(queries), len(grid), meta.projector.proj_dim)
         norms = torch.zeros(len(queries), len(grid))
-        sums: dict[str, torch.Tensor] = {}
-        for start in range(0, len(pairs), per_batch):
-            q = torch.tensor([p[0] for p in pairs[start : start + per_batch]])
-            s = torch.tensor([p[1] for p in pairs[start : start + per_batch]])
-            t = torch.tensor(grid)[s]
-            ids = queries.ids[q]
-            eps = torch.stack([
-                noise_for(meta.noise_seed, ids.tolist(), c, t.tolist(), r + 1, queries.image_shape)
-                for r in range(noise_draws)
-            ], dim=1)
-            grads = computer.per_sample(queries.images[q], t, eps)
-            f, nrm = unit_projection(grads, projector, ids, t, ckpt.id)
-            feats[q, s], norms[q, s] = f, nrm
-            for name, v in grads.items():
-                acc = sums.setdefault(name, torch.zeros(len(queries), *v.shape[1:], device=v.device))
-                acc.index_add_(0, q.to(v.device), v)
-            bar.update(len(q))
+        mean_norms = torch.zeros(len(queries))
+        for block in range(0, len(queries), per_block):
+            rows = range(block, min(block + per_block, len(queries)))
+            pairs = [(q, s) for q in rows for s in range(len(grid))]
+            sums: dict[str, torch.Tensor] = {}
+            for start in range(0, len(pairs), per_batch):
+                q = torch.tensor([p[0] for p in pairs[start : start + per_batch]])
+                s = torch.tensor([p[1] for p in pairs[start : start + per_batch]])
+                t = torch.tensor(grid)[s]
+                ids = queries.ids[q]
+                eps = torch.stack([
+                    noise_for(meta.noise_seed, ids.tolist(), c, t.tolist(), r + 1, queries.image_shape)
+                    for r in range(noise_draws)
+                ], dim=1)
+                grads = computer.per_sample(queries.images[q], t, eps)
+                f, nrm = unit_projection(grads, projector, ids, t, ckpt.id)
+                feats[q, s], norms[q, s] = f, nrm
+                # sum each query's gradients over its timesteps: a (rows, B) one-hot matmul (index_add_ along
+                # dim 0 is an order of magnitude slower on CPU)
+                onehot = torch.nn.functional.one_hot(q - block, len(rows)).T.float()
+                for name, v in grads.items():
+                    acc = onehot.to(v.device) @ v.reshape(len(q), -1)
+                    sums[name] = sums[name] + acc if name in sums else acc
+                bar.update(len(q))
+            mean_norms[block : block + len(rows)] = squared_norms(sums).sqrt().cpu() / len(grid)
         out.features.append(feats.numpy())
         out.norms.append(norms.numpy())
-        out.mean_norms.append((squared_norms(sums).sqrt() / len(grid)).cpu().numpy())
+        out.mean_norms.append(mean_norms.numpy())
     bar.close()
     return out

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from projidx.diffusion import NoiseSchedule, per_sample_loss, q_sample
+from projidx.diffusion import NoiseSchedule, attribution_output, q_sample
 
 Grads = dict[str, torch.Tensor]
 
@@ -42,13 +42,16 @@ class GradientComputer:
     """Per-sample loss gradients of an epsilon-prediction model at given (x0, t, eps).
 
     ``model`` is any ``nn.Module`` with ``eps = model(x_t, t)``; it is put in eval mode. Load each
-    checkpoint's weights with :meth:`load_state_dict`.
+    checkpoint's weights with :meth:`load_state_dict`. ``objective`` "dtrak" differentiates D-TRAK's mean
+    squared model output instead of the loss.
     """
 
-    def __init__(self, model: nn.Module, schedule: NoiseSchedule, loss: str, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, loss: str, device: str | torch.device = "cpu",
+                 objective: str = "loss"):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.loss = loss
+        self.objective = objective
         self.abar = schedule.alphas_cumprod().to(self.device, torch.float32)
         self._refresh()
         self._vmapped = vmap(grad(self._sample_loss), in_dims=(None, 0, 0, 0))
@@ -72,7 +75,7 @@ class GradientComputer:
         xs = x0.unsqueeze(0).expand(r, *x0.shape)
         ts = t.reshape(1).expand(r)
         pred = functional_call(self.model, (params, self.buffers), (q_sample(xs, ts, eps, self.abar), ts))
-        return per_sample_loss(pred, eps, self.loss).mean()
+        return attribution_output(pred, eps, self.loss, self.objective).mean()
 
     def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Grads:
         """Per-sample gradients.

@@ -53,6 +53,7 @@ class StoreMeta:
     timesteps: list[int]  # grid mode: the grid; replay mode: []
     noise_seed: int
     chunk_rows: int
+    objective: str = "loss"  # "loss" (the paper) or "dtrak" (D-TRAK's mean squared model output)
     checkpoint_dir: str | None = field(default=None, compare=False)
 
     @property
@@ -79,6 +80,7 @@ class StoreMeta:
             "timesteps": self.timesteps,
             "noise_seed": self.noise_seed,
             "chunk_rows": self.chunk_rows,
+            "objective": self.objective,
             "checkpoint_dir": self.checkpoint_dir,
         }
 
@@ -98,6 +100,7 @@ class StoreMeta:
             timesteps=[int(t) for t in d["timesteps"]],
             noise_seed=int(d["noise_seed"]),
             chunk_rows=int(d["chunk_rows"]),
+            objective=d.get("objective", "loss"),
             checkpoint_dir=d.get("checkpoint_dir"),
         )
 
@@ -116,6 +119,7 @@ class StoreMeta:
             "timesteps": "timesteps",
             "noise_seed": "noise seed",
             "chunk_rows": "chunk size",
+            "objective": "objective",
         }
         differ = [label for attr, label in names.items() if getattr(self, attr) != getattr(other, attr)]
         return ", ".join(differ) or None

@@ -269,3 +269,31 @@ def test_corrupted_chunk_is_named_and_repaired_by_featurize(tmp_path, pipeline, 
         "--timesteps", 3, "--proj-dim", 64, "--chunk-rows", 8)
     assert tree_digest(store) == good
     run("index", "--store", store, "--method", "tracin")
+
+
+def test_analyze_commands(tmp_path, pipeline, rgb_npz):
+    d = pipeline
+    _, queries = rgb_npz
+    out = tmp_path / "bias"
+    r = run("analyze", "timestep-bias", "--store", d / "s.zarr", "--out", out)
+    assert "max/min ratio" in r.output
+    bias = json.loads((out / "timestep_bias.json").read_text())
+    assert bias["mode"] == "grid" and set(bias["checkpoints"]) == {"ckpt-000", "ckpt-001"}
+    rows = bias["checkpoints"]["ckpt-000"]["by_timestep"]
+    assert [row["count"] for row in rows] == [30, 30, 30]  # 30 samples at each of the 3 grid timesteps
+    assert (out / "norm_vs_timestep.png").stat().st_size > 1000
+    out = tmp_path / "infl"
+    run("analyze", "influence", "--store", d / "s.zarr", "--data", queries, "--top-k", 5, "--out", out,
+        "--query-timesteps", 2, "--noise-draws", 1)
+    infl = json.loads((out / "influence.json").read_text())
+    for method in ("tracin", "retrac"):
+        m = infl["methods"][method]
+        assert m["queries"] == 4 and m["top_k"] == 5 and len(m["counts"]) == 30 and sum(m["counts"]) == 20
+        assert m["unique_ratio"] == len({i for ids in m["top_ids"] for i in ids}) / 20
+    assert (out / "influence_curve.png").exists() and (out / "appearances_vs_norm.png").exists()
+    out = tmp_path / "self"
+    run("analyze", "self-influence", "--store", d / "s.zarr", "--out", out, "--query-timesteps", 2,
+        "--noise-draws", 1)
+    si = json.loads((out / "self_influence.json").read_text())
+    assert len(si["scores"]["retrac"]) == 30 and len(si["highest"]["tracin"]) == 20
+    assert si["ids"] == (np.arange(30) * 7 + 100).tolist()

@@ -53,3 +53,31 @@ def test_timestep_grid_matches_the_paper():
     grid = timestep_grid(100, 1000)
     assert len(grid) == 100 and grid[0] == 1 and grid[-1] == 999
     assert timestep_grid(10, 1000) == sorted(set(timestep_grid(10, 1000)))
+
+
+def test_ddim_sampler_is_deterministic_and_in_range():
+    from projidx.diffusion import ddim_sample
+
+    model = SmallUNet(UNetConfig(channels=1, base=8, mults=(1, 2), time_dim=16, groups=4)).eval()
+    a = ddim_sample(model, NoiseSchedule(), 3, (1, 8, 8), steps=5, seed=1)
+    b = ddim_sample(model, NoiseSchedule(), 3, (1, 8, 8), steps=5, seed=1)
+    assert a.shape == (3, 1, 8, 8) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_dtrak_objective_is_the_gradient_of_the_mean_squared_output():
+    torch.manual_seed(1)
+    model = SmallUNet(UNetConfig(channels=1, base=8, mults=(1, 2), time_dim=16, groups=4))
+    schedule = NoiseSchedule()
+    computer = GradientComputer(model, schedule, "mse", objective="dtrak")
+    x0, t, eps = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([5, 400, 800]), torch.randn(3, 2, 1, 8, 8)
+    batched = computer.per_sample(x0, t, eps)
+    abar = schedule.alphas_cumprod().float()
+    for b in range(3):
+        model.zero_grad()
+        from projidx.diffusion import q_sample
+
+        xt = q_sample(x0[b : b + 1].expand(2, -1, -1, -1), t[b : b + 1].expand(2), eps[b], abar)
+        model(xt, t[b : b + 1].expand(2)).square().flatten(1).mean(1).mean().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(batched[name][b], p.grad, rtol=1e-4, atol=1e-6)

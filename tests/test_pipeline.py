@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
-import projidx.index as index_module
-import projidx.train as train_module
 from projidx.checkpoints import load_checkpoint_dir
 from projidx.data import from_arrays
 from projidx.diffusion import diffusion_loss, noise_for, timestep_grid
@@ -17,6 +17,9 @@ from projidx.scoring import exact_scores, exact_topk, query_vectors
 from projidx.store import FeatureStore
 from projidx.train import TrainConfig, train
 from tests.conftest import TINY_TRAIN, TINY_UNET
+
+index_module = importlib.import_module("projidx.index")  # the modules, not the functions projidx exports
+train_module = importlib.import_module("projidx.train")
 
 SEED = 5
 S, R, K = 3, 2, 3
