@@ -88,7 +88,7 @@ def appearance_counts(top_ids: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
     row = {int(i): r for r, i in enumerate(train_ids.tolist())}
     counts = np.zeros(len(train_ids), dtype=np.int64)
     for ids in top_ids:
-        for i in set(int(v) for v in ids):
+        for i in set(int(v) for v in ids) - {-1}:  # -1: a slot an approximate index left empty
             counts[row[i]] += 1
     return counts
 

@@ -34,7 +34,8 @@ class Attribution:
             "method": self.method,
             "top_k": self.top_k,
             "queries": [
-                {"query": i, "query_id": int(qid), "ids": [int(v) for v in ids], "scores": [float(s) for s in sc]}
+                {"query": i, "query_id": int(qid), "ids": [int(v) for v in ids],
+                 "scores": [float(s) if np.isfinite(s) else None for s in sc]}  # None: a slot left empty
                 for i, (qid, ids, sc) in enumerate(zip(self.query_ids, self.ids, self.scores, strict=True))
             ],
         }

@@ -44,7 +44,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", required=True, help="digits, digits:train, digits:test, or an .npz with 'images'.")
+@click.option("--data", required=True, help="digits[:train|:test], photos[:train|:test|:gray8], or an .npz.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
 @click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
 @click.option("--checkpoints", default=4, show_default=True, type=click.IntRange(1), help="Checkpoints to keep.")

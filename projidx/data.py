@@ -142,4 +142,6 @@ def from_arrays(images: np.ndarray, ids: np.ndarray | None = None, name: str = "
         id_arr = ids.astype(np.int64)
         if len(np.unique(id_arr)) != n:
             raise ProjidxError(f"data {name}: 'ids' are not unique")
+        if (id_arr < 0).any():
+            raise ProjidxError(f"data {name}: 'ids' must be non-negative (-1 marks an empty result slot)")
     return ImageSet(name, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(id_arr))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from projidx.diffusion import NoiseSchedule, per_sample_loss, q_sample
+from projidx.errors import ProjidxError
 from projidx.grads import trainable_parameters
 from projidx.projection import FactorizedProjector
 
@@ -214,10 +215,12 @@ class FactorizedGradients:
             call.outgrad = torch.zeros_like(call.output) if g is None else g.detach()
             call.output = None  # type: ignore[assignment]
             if call.input.shape[0] != batch * draws:
-                raise ValueError("factorized projector: a layer's input does not carry the batch in dimension 0")
+                raise ProjidxError("factorized projector: a layer's input does not carry the batch in dimension 0;"
+                                   " use --projector sjlt for this model")
         missing = [n for n, c in calls.items() if not c]
         if missing:
-            raise ValueError(f"factorized projector: layer {missing[0]!r} was not called in the forward pass")
+            raise ProjidxError(f"factorized projector: layer {missing[0]!r} was not called in the forward pass;"
+                               " use --projector sjlt for this model")
         return Capture(calls, batch, draws)
 
 
