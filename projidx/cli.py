@@ -29,6 +29,18 @@ def _fail_cleanly(fn):
     return wrapper
 
 
+def _check_device(device: str) -> None:
+    """A one-line error for a device torch cannot use here (e.g. cuda on a CPU-only build)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ProjidxError(f"--device {device!r} is not a torch device") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProjidxError(f"--device {device!r}: no CUDA device is available to this torch")
+
+
 def _close_progress_bars() -> None:
     """End any progress bar an error interrupted, so the error starts on a line of its own."""
     from tqdm import tqdm
@@ -99,6 +111,7 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, proje
 
     if proj_dim < 1:
         raise ProjidxError(f"--proj-dim must be >= 1, got {proj_dim}")
+    _check_device(device)
     if timesteps < 1:
         raise ProjidxError(f"--timesteps must be >= 1, got {timesteps}")
     ckpts = load_checkpoint_dir(ckpt_dir)
@@ -154,6 +167,7 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     from projidx.data import load_dataset
     from projidx.store import FeatureStore
 
+    _check_device(device)
     fs = FeatureStore.open(store)
     queries = load_dataset(data)
     if limit is not None:

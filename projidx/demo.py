@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from projidx.analysis import unique_ratio
 from projidx.attribute import attribute, training_images
 from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
 from projidx.data import load_dataset
@@ -50,11 +51,6 @@ def cached_model(data, config: TrainConfig, cache: str | Path | None) -> Checkpo
     train(data, partial, config)
     partial.rename(target)
     return load_checkpoint_dir(target)
-
-
-def unique_ratio(ids: np.ndarray) -> float:
-    """Distinct training samples in the union of the queries' top-k lists over (queries x k)."""
-    return float(len(np.unique(ids)) / ids.size)
 
 
 def run_demo(out: Path, cache: str | Path | None = None) -> dict:

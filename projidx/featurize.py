@@ -336,6 +336,7 @@ class QueryFeatures:
     features: list[np.ndarray]
     norms: list[np.ndarray]
     mean_norms: list[np.ndarray]
+    store_uuid: str | None = None  # the store whose projector made them (None: not checked)
 
 
 def featurize_queries(
@@ -363,7 +364,7 @@ def featurize_queries(
     projector = make_projector(meta.projector, device)
     per_batch = max(1, batch_size // noise_draws)  # (query, timestep) pairs per vmap call
     per_block = max(1, per_batch // len(grid))  # queries whose full-gradient sums are held at once
-    out = QueryFeatures(queries.ids.numpy(), grid, [], [], [])
+    out = QueryFeatures(queries.ids.numpy(), grid, [], [], [], store.uuid)
     bar = tqdm(total=len(ckpts.checkpoints) * len(queries) * len(grid), desc="query features",
                disable=not progress)
     for c, ckpt in enumerate(ckpts.checkpoints):

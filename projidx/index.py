@@ -112,22 +112,30 @@ def load_index(store: FeatureStore, method: str, nprobe: int | None = None) -> S
             f"no {method} index for store {store.path}: run 'projidx index --store {store.path} --method {method}'"
             " or query with --exact"
         )
-    meta = json.loads(sidecar.read_text())
-    if meta["store_uuid"] != store.uuid or meta["n"] != store.meta.n:
+    unreadable = f"the {method} index in {sidecar.parent} is unreadable; rebuild it with 'projidx index'"
+    try:
+        meta = json.loads(sidecar.read_text())
+        same_store = meta["store_uuid"] == store.uuid and meta["n"] == store.meta.n
+        path, backend, factory = sidecar.parent / meta["file"], meta["backend"], meta["factory"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProjidxError(f"{unreadable} ({one_line(e)})") from e
+    if not same_store:
         raise ProjidxError(f"the {method} index in {sidecar.parent} was built from another store; rebuild it")
-    path = sidecar.parent / meta["file"]
     ids = store.ids()
-    if meta["backend"] == "torch":
-        return SearchIndex(method, meta["factory"], ids, vectors=torch.from_numpy(np.load(path)))
     faiss = faiss_module()
-    if faiss is None:
+    if backend != "torch" and faiss is None:
         raise ProjidxError(f"the {method} index is a FAISS index: pip install 'projidx[cpu]' (or [gpu])")
-    index = faiss.read_index(str(path))
+    try:
+        if backend == "torch":
+            return SearchIndex(method, factory, ids, vectors=torch.from_numpy(np.load(path)))
+        index = faiss.read_index(str(path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ProjidxError(f"{unreadable} ({one_line(e)})") from e
     if nprobe is not None:
         try:
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
         except RuntimeError as e:
-            raise ProjidxError(f"--nprobe applies to IVF indices only, not {meta['factory']!r}") from e
+            raise ProjidxError(f"--nprobe applies to IVF indices only, not {factory!r}") from e
     if faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
-    return SearchIndex(method, meta["factory"], ids, faiss_index=index)
+    return SearchIndex(method, factory, ids, faiss_index=index)

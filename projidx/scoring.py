@@ -59,6 +59,8 @@ def train_vectors(store: FeatureStore, method: str, chunk: int) -> np.ndarray:
 
 def query_vectors(store: FeatureStore, queries: QueryFeatures, method: str) -> np.ndarray:
     """(M, C*k) query vectors, so that score = query_vectors @ train_vectors.T."""
+    if queries.store_uuid is not None and queries.store_uuid != store.uuid:
+        raise ProjidxError(f"these query features were made for another store than {store.path}")
     parts = [
         side_vectors(method, f, n, m, w)
         for f, n, m, w in zip(queries.features, queries.norms, queries.mean_norms, store.weights(), strict=True)

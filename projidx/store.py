@@ -232,7 +232,12 @@ class FeatureStore:
 
     # ---- reading ---------------------------------------------------------------------------------
     def done(self, cid: str) -> np.ndarray:
-        return np.asarray(self.group[f"done/{cid}"][:], dtype=bool)
+        """(n_chunks,) bool done markers of checkpoint ``cid``; ProjidxError if they cannot be read."""
+        try:
+            return np.asarray(self.group[f"done/{cid}"][:], dtype=bool)
+        except Exception as e:
+            raise ProjidxError(f"store {self.path}: the done markers of checkpoint {cid} are unreadable "
+                               f"({one_line(e)}); re-run 'projidx featurize'") from e
 
     def is_complete(self) -> bool:
         return all(self.done(cid).all() for cid in self.meta.checkpoint_ids)
@@ -241,7 +246,7 @@ class FeatureStore:
         """Read and validate one row-chunk; raises ProjidxError naming it if it is incomplete or corrupted."""
         rows = self.rows(chunk)
         where = f"store {self.path}: checkpoint {cid}, rows {rows.start}-{rows.stop - 1} (chunk {chunk})"
-        if not self.group[f"done/{cid}"][chunk]:
+        if not self.done(cid)[chunk]:
             raise ProjidxError(f"{where} is not featurized yet; run 'projidx featurize' on this store")
         try:
             data = Chunk(

@@ -297,3 +297,18 @@ def test_analyze_commands(tmp_path, pipeline, rgb_npz):
     si = json.loads((out / "self_influence.json").read_text())
     assert len(si["scores"]["retrac"]) == 30 and len(si["highest"]["tracin"]) == 20
     assert si["ids"] == (np.arange(30) * 7 + 100).tolist()
+
+
+def test_bad_device_and_damaged_index(tmp_path, pipeline, rgb_npz):
+    d = pipeline
+    train_npz, queries = rgb_npz
+    r = run("featurize", "--checkpoints", d / "ck", "--data", train_npz, "--store", tmp_path / "x.zarr",
+            "--device", "gpu", ok=False)
+    assert_clean_error(r, "--device 'gpu'")
+    assert not (tmp_path / "x.zarr").exists()
+    store = tmp_path / "s.zarr"
+    shutil.copytree(d / "s.zarr", store)
+    shutil.copytree(d / "s.zarr.index", tmp_path / "s.zarr.index")
+    (tmp_path / "s.zarr.index" / "retrac.json").write_text("{not json")
+    r = run("query", "--store", store, "--data", queries, "--method", "retrac", "--out", tmp_path / "r.json", ok=False)
+    assert_clean_error(r, "retrac index", "unreadable", "rebuild")

@@ -185,3 +185,15 @@ def test_checkpoint_files_load_weights_only(tiny_ckpt_dir):
         assert set(blob) == {"state_dict", "replay_ids", "replay_timesteps"}
     assert [c.weight for c in ckpts.checkpoints] == pytest.approx([TINY_TRAIN.lr * 3 * 2] * 2)  # 3 steps/epoch
     assert ckpts.model.config == TINY_UNET
+
+
+def test_query_features_are_refused_by_another_store(tmp_path, tiny_ckpts, tiny_data, tiny_queries):
+    from projidx.errors import ProjidxError
+
+    config = FeaturizeConfig(proj_dim=32, chunk_rows=16)
+    a = featurize(tiny_ckpts, tiny_data, tmp_path / "a.zarr", config, progress=False)
+    b = featurize(tiny_ckpts, tiny_data, tmp_path / "b.zarr", config, progress=False)
+    qf = featurize_queries(a, tiny_ckpts, tiny_queries, 2, 1, progress=False)
+    query_vectors(a, qf, "retrac")
+    with pytest.raises(ProjidxError, match="another store"):
+        query_vectors(b, qf, "retrac")
