@@ -29,15 +29,6 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def stored_norms(store: FeatureStore, cid: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, G) exact gradient norms and (N, G) their timesteps at checkpoint ``cid``, streamed by chunk."""
-    norms, times = [], []
-    for _, chunk in store.chunks(cid):
-        norms.append(chunk.norms)
-        times.append(chunk.timesteps)
-    return np.concatenate(norms), np.concatenate(times)
-
-
 def norm_by_timestep(norms: np.ndarray, timesteps: np.ndarray, T: int, bins: int = REPLAY_BINS) -> list[dict]:
     """Distribution of gradient norms per timestep.
 
@@ -60,7 +51,7 @@ def timestep_bias(store: FeatureStore) -> dict:
     """Per checkpoint: the norm-vs-timestep table and the max/min ratio of the median norms."""
     out = {"mode": store.meta.train_timesteps, "checkpoints": {}}
     for cid in store.meta.checkpoint_ids:
-        norms, times = stored_norms(store, cid)
+        norms, times = store.norms(cid)
         table = norm_by_timestep(norms, times, store.meta.schedule.T)
         medians = np.array([row["median"] for row in table])
         out["checkpoints"][cid] = {
@@ -110,7 +101,7 @@ def influence_stats(top_ids: np.ndarray, store: FeatureStore) -> dict:
     counts = appearance_counts(top_ids, train_ids)
     mechanism = {}
     for cid in store.meta.checkpoint_ids:
-        norms, times = stored_norms(store, cid)
+        norms, times = store.norms(cid)
         mechanism[cid] = {
             "spearman_count_norm": spearman(counts, norms.mean(axis=1)),
             "spearman_count_timestep": spearman(counts, times[:, 0]),  # None in grid mode (same timesteps)

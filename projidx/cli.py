@@ -116,19 +116,14 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, proje
         raise ProjidxError(f"--timesteps must be >= 1, got {timesteps}")
     ckpts = load_checkpoint_dir(ckpt_dir)
     images = load_dataset(data)
-    mode = train_timesteps or ("replay" if _has_replay(ckpts) else "grid")
-    config = FeaturizeConfig(projector=projector, proj_dim=proj_dim, seed=seed, dtype=dtype, train_timesteps=mode,
+    config = FeaturizeConfig(projector=projector, proj_dim=proj_dim, seed=seed, dtype=dtype,
+                             train_timesteps=train_timesteps or "auto",
                              timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
                              objective=objective)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config)
-    click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({mode}) into {store}"
-               f" in {time.perf_counter() - start:.1f}s")
-    del fs
-
-
-def _has_replay(ckpts) -> bool:
-    return "replay_ids" in ckpts.checkpoints[0].load()
+    click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints"
+               f" ({fs.meta.train_timesteps}) into {store} in {time.perf_counter() - start:.1f}s")
 
 
 @main.command()

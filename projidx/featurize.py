@@ -13,7 +13,7 @@ on batch size, chunking, order or machine.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ class FeaturizeConfig:
     seed: int = 0
     dtype: str = "float16"
     sparsity: int = 1
-    train_timesteps: str = "replay"
+    train_timesteps: str = "replay"  # replay | grid | auto (replay where the checkpoints record it, else grid)
     timesteps: int = 10
     batch_size: int = 32
     chunk_rows: int = 256
@@ -196,17 +196,19 @@ def featurize(
     Chunks already done (and readable) are skipped; corrupted ones are recomputed. ``on_chunk(cid, i)``
     is called after each chunk is written.
     """
-    if config.train_timesteps not in MODES:
-        raise ProjidxError(f"--train-timesteps must be one of {MODES}, got {config.train_timesteps!r}")
+    if config.train_timesteps not in (*MODES, "auto"):
+        raise ProjidxError(f"--train-timesteps must be one of {MODES} or auto, got {config.train_timesteps!r}")
     if config.objective not in OBJECTIVES:
         raise ProjidxError(f"--objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if data.image_shape != tuple(ckpts.image_shape):
         raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
     if config.batch_size < 1 or config.chunk_rows < 1:
         raise ProjidxError("batch size and chunk rows must be >= 1")
+    blobs = [c.load() for c in ckpts.checkpoints]  # validates every checkpoint before anything is written
+    if config.train_timesteps == "auto":
+        config = replace(config, train_timesteps="replay" if "replay_ids" in blobs[0] else "grid")
     spec = projector_spec(ckpts, config)
     meta = _store_meta(ckpts, data, spec, config)
-    blobs = [c.load() for c in ckpts.checkpoints]  # validates every checkpoint before anything is written
     replays = [replay_timesteps(b, data.ids, c.id) for b, c in zip(blobs, ckpts.checkpoints, strict=True)] \
         if config.train_timesteps == "replay" else None
     computer = gradient_computer(ckpts, spec, config.device, config.objective)

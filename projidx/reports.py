@@ -27,7 +27,7 @@ def timestep_bias_report(store: FeatureStore, out: Path) -> dict:
     _write(out, "timestep_bias.json", bias)
     viz.norm_vs_timestep(out / "norm_vs_timestep.png", bias)
     if store.meta.train_timesteps == "replay":
-        pairs = {cid: analysis.stored_norms(store, cid) for cid in store.meta.checkpoint_ids}
+        pairs = {cid: store.norms(cid) for cid in store.meta.checkpoint_ids}
         viz.norm_scatter(out / "norm_scatter.png", {c: p[0] for c, p in pairs.items()},
                          {c: p[1] for c, p in pairs.items()})
     return bias
@@ -51,7 +51,7 @@ def influence_report(
         result = attribute(store, qf, method, top_k, exact=True)
         per_method[method] = {**analysis.influence_stats(result.ids, store), "top_ids": result.ids.tolist()}
     last = store.meta.checkpoint_ids[-1]
-    norms = analysis.stored_norms(store, last)[0].mean(axis=1)
+    norms = store.norms(last)[0].mean(axis=1)
     out.mkdir(parents=True, exist_ok=True)
     viz.influence_curves(out / "influence_curve.png", per_method)
     viz.appearances_vs_norm(out / "appearances_vs_norm.png",

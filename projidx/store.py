@@ -264,6 +264,22 @@ class FeatureStore:
             raise ProjidxError(f"{where} is missing or truncated; re-run 'projidx featurize' to recompute it")
         return data
 
+    def norms(self, cid: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N, G) exact gradient norms and (N, G) their timesteps at ``cid``, without reading the features;
+        ProjidxError if the checkpoint is not completely featurized or the arrays are damaged."""
+        if not self.done(cid).all():
+            raise ProjidxError(f"store {self.path}: checkpoint {cid} is not completely featurized")
+        try:
+            norms = np.asarray(self.group[f"norms/{cid}"][:])
+            times = np.asarray(self.group[f"timesteps/{cid}"][:])
+        except Exception as e:
+            raise ProjidxError(f"store {self.path}: the norms of checkpoint {cid} are corrupted ({one_line(e)});"
+                               " re-run 'projidx featurize' to recompute them") from e
+        if not np.isfinite(norms).all() or (times < 0).any():
+            raise ProjidxError(f"store {self.path}: the norms of checkpoint {cid} are missing or truncated;"
+                               " re-run 'projidx featurize' to recompute them")
+        return norms, times
+
     def chunks(self, cid: str) -> Iterator[tuple[slice, Chunk]]:
         for chunk in range(self.n_chunks):
             yield self.rows(chunk), self.read_chunk(cid, chunk)
