@@ -25,10 +25,11 @@ from projidx.data import ImageSet
 from projidx.diffusion import OBJECTIVES, noise_for, timestep_grid
 from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
-from projidx.grads import GradientComputer, Grads, model_fingerprint, parameter_shapes, squared_norms
+from projidx.grads import GradientComputer, model_fingerprint, parameter_shapes
 from projidx.projection import KINDS, Projector, ProjectorSpec, make_projector
 from projidx.store import MODES, Chunk, FeatureStore, StoreMeta
 
+TRAIN_DRAWS = range(0, 1)  # the training side's single noise draw; query draws are 1..R, never 0
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector (the CLI's choices)
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
 
@@ -88,17 +89,6 @@ def replay_timesteps(blob: dict, ids: torch.Tensor, cid: str) -> torch.Tensor:
             " is this the dataset the model was trained on? Use --train-timesteps grid otherwise"
         )
     return torch.tensor([table[int(i)] for i in ids.tolist()], dtype=torch.int64)
-
-
-def unit_projection(
-    grads: Grads, projector, ids: torch.Tensor, timesteps: torch.Tensor, cid: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project B gradients: returns P g / ||g|| (B, k) and exact ||g|| (B,), on the CPU.
-
-    Non-finite gradients raise ProjidxError naming the sample id and timestep.
-    """
-    projected, sq, _ = projector.project_with_norms(grads)
-    return _unit(projected, sq, ids, timesteps, cid)
 
 
 def _unit(
@@ -229,7 +219,7 @@ def featurize(
             rows = store.rows(i)
             times = replays[c][rows][:, None] if replays is not None else torch.tensor(meta.timesteps).expand(
                 rows.stop - rows.start, -1)
-            chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config)
+            chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config, TRAIN_DRAWS)
             store.write_chunk(ckpt.id, i, chunk)
             bar.update(1)
             if on_chunk is not None:
@@ -260,11 +250,14 @@ def _featurize_rows(
     c: int,
     cid: str,
     config: FeaturizeConfig,
+    draws: range,
 ) -> Chunk:
-    """One row-chunk at one checkpoint. times: (n, G) timesteps per sample.
+    """Features of ``rows`` at checkpoint index ``c``: times (n, G) timesteps per sample; at each, the gradient
+    of the loss averaged over the noise draws ``draws`` (training side: draw 0; query side: draws 1..R).
 
     Gradients are computed ``batch_size`` at a time (samples x timesteps together) and projected in
     calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).
+    Returns features (n, G, k), norms (n, G) and the norm of each sample's mean gradient over G (n,).
     """
     n, g = times.shape
     per_batch = max(1, config.batch_size // g)
@@ -274,7 +267,8 @@ def _featurize_rows(
         stop = min(start + per_call, n)
         ids = rows.ids[start:stop].repeat_interleave(g)
         t = times[start:stop].reshape(-1)
-        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c, config)
+        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c,
+                                                  config.seed, draws)
         f, nrm = _unit(projected, sq, ids, t, cid)
         feats.append(f.reshape(stop - start, g, -1))
         norms.append(nrm.reshape(stop - start, g))
@@ -306,7 +300,8 @@ def _project_samples(
     stop: int,
     per_batch: int,
     c: int,
-    config: FeaturizeConfig,
+    seed: int,
+    draws: range,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """P g, ||g||^2 (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)."""
     g = times.shape[1]
@@ -314,7 +309,8 @@ def _project_samples(
     def inputs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x0, ids = rows.images[a:b], rows.ids[a:b]
         t = times[a:b].reshape(-1)
-        eps = noise_for(config.seed, ids.repeat_interleave(g).tolist(), c, t.tolist(), 0, x0.shape[1:])[:, None]
+        rep = ids.repeat_interleave(g).tolist()
+        eps = torch.stack([noise_for(seed, rep, c, t.tolist(), d, x0.shape[1:]) for d in draws], dim=1)
         return x0.repeat_interleave(g, dim=0), t, eps
 
     if stop - start <= per_batch:
@@ -362,44 +358,25 @@ def featurize_queries(
     if model_fingerprint(ckpts.model) != meta.model_fingerprint or ckpts.describe() != meta.checkpoints:
         raise ProjidxError(f"the checkpoints given are not the ones store {store.path} was built from")
     grid = timestep_grid(query_timesteps, meta.schedule.T)
-    computer = GradientComputer(ckpts.model, meta.schedule, meta.loss, device, meta.objective)
+    computer = gradient_computer(ckpts, meta.projector, device, meta.objective)
     projector = make_projector(meta.projector, device)
-    per_batch = max(1, batch_size // noise_draws)  # (query, timestep) pairs per vmap call
-    per_block = max(1, per_batch // len(grid))  # queries whose full-gradient sums are held at once
+    # batch_size counts gradient evaluations: each (query, timestep) gradient averages noise_draws of them
+    config = FeaturizeConfig(seed=meta.noise_seed, batch_size=max(1, batch_size // noise_draws), device=device)
+    times = torch.tensor(grid).expand(len(queries), -1)
+    per_block = max(1, config.batch_size // len(grid))
     out = QueryFeatures(queries.ids.numpy(), grid, [], [], [], store.uuid)
-    bar = tqdm(total=len(ckpts.checkpoints) * len(queries) * len(grid), desc="query features",
+    bar = tqdm(total=len(ckpts.checkpoints) * len(queries), desc="query features", unit="query",
                disable=not progress)
     for c, ckpt in enumerate(ckpts.checkpoints):
         computer.load_state_dict(ckpt.load()["state_dict"])
-        feats = torch.zeros(len(queries), len(grid), meta.projector.proj_dim)
-        norms = torch.zeros(len(queries), len(grid))
-        mean_norms = torch.zeros(len(queries))
+        parts = []
         for block in range(0, len(queries), per_block):
-            rows = range(block, min(block + per_block, len(queries)))
-            pairs = [(q, s) for q in rows for s in range(len(grid))]
-            sums: dict[str, torch.Tensor] = {}
-            for start in range(0, len(pairs), per_batch):
-                q = torch.tensor([p[0] for p in pairs[start : start + per_batch]])
-                s = torch.tensor([p[1] for p in pairs[start : start + per_batch]])
-                t = torch.tensor(grid)[s]
-                ids = queries.ids[q]
-                eps = torch.stack([
-                    noise_for(meta.noise_seed, ids.tolist(), c, t.tolist(), r + 1, queries.image_shape)
-                    for r in range(noise_draws)
-                ], dim=1)
-                grads = computer.per_sample(queries.images[q], t, eps)
-                f, nrm = unit_projection(grads, projector, ids, t, ckpt.id)
-                feats[q, s], norms[q, s] = f, nrm
-                # sum each query's gradients over its timesteps: a (rows, B) one-hot matmul (index_add_ along
-                # dim 0 is an order of magnitude slower on CPU)
-                onehot = torch.nn.functional.one_hot(q - block, len(rows)).T.float()
-                for name, v in grads.items():
-                    acc = onehot.to(v.device) @ v.reshape(len(q), -1)
-                    sums[name] = sums[name] + acc if name in sums else acc
-                bar.update(len(q))
-            mean_norms[block : block + len(rows)] = squared_norms(sums).sqrt().cpu() / len(grid)
-        out.features.append(feats.numpy())
-        out.norms.append(norms.numpy())
-        out.mean_norms.append(mean_norms.numpy())
+            rows = slice(block, min(block + per_block, len(queries)))
+            parts.append(_featurize_rows(computer, projector, queries.subset(rows), times[rows], c, ckpt.id,
+                                         config, range(1, noise_draws + 1)))
+            bar.update(rows.stop - rows.start)
+        out.features.append(np.concatenate([p.features for p in parts]))
+        out.norms.append(np.concatenate([p.norms for p in parts]))
+        out.mean_norms.append(np.concatenate([p.mean_norms for p in parts]))
     bar.close()
     return out

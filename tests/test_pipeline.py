@@ -197,3 +197,31 @@ def test_query_features_are_refused_by_another_store(tmp_path, tiny_ckpts, tiny_
     query_vectors(a, qf, "retrac")
     with pytest.raises(ProjidxError, match="another store"):
         query_vectors(b, qf, "retrac")
+
+
+def test_factorized_query_features_equal_projecting_materialized_gradients(tmp_path, tiny_ckpts, tiny_data,
+                                                                           tiny_queries):
+    """The query side through layer factors (R draws as positions) equals projecting vmap's full gradients."""
+    from projidx.grads import GradientComputer
+    from projidx.projection import make_projector
+
+    store = featurize(tiny_ckpts, tiny_data, tmp_path / "f.zarr",
+                      FeaturizeConfig(projector="factorized", proj_dim=64, dtype="float32"), progress=False)
+    assert store.meta.projector.kind == "factorized"
+    qf = featurize_queries(store, tiny_ckpts, tiny_queries, 3, 2, progress=False)
+    grid = timestep_grid(3, tiny_ckpts.schedule.T)
+    computer = GradientComputer(tiny_ckpts.model, tiny_ckpts.schedule, tiny_ckpts.loss)
+    projector = make_projector(store.meta.projector)
+    c = len(tiny_ckpts.checkpoints) - 1
+    computer.load_state_dict(tiny_ckpts.checkpoints[c].load()["state_dict"])
+    ids = tiny_queries.ids.repeat_interleave(len(grid))
+    t = torch.tensor(grid).repeat(len(tiny_queries))
+    eps = torch.stack([noise_for(store.meta.noise_seed, ids.tolist(), c, t.tolist(), d, tiny_queries.image_shape)
+                       for d in (1, 2)], dim=1)
+    grads = computer.per_sample(tiny_queries.images.repeat_interleave(len(grid), dim=0), t, eps)
+    projected, sq, mean_sq = projector.project_with_norms(grads, len(grid))
+    norms = sq.sqrt().reshape(len(tiny_queries), len(grid))
+    np.testing.assert_allclose(qf.norms[c], norms.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(qf.features[c], (projected / sq.sqrt()[:, None]).reshape(qf.features[c].shape).numpy(),
+                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(qf.mean_norms[c], mean_sq.sqrt().numpy(), rtol=1e-4)
