@@ -11,6 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: str | Path, dpi: int = 110) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _show(ax, image: np.ndarray) -> None:
     """image: (C, H, W) in [-1, 1]."""
     img = np.clip((image + 1) / 2, 0, 1)
@@ -43,9 +49,7 @@ def attribution_grid(
             axes[i, j + 1].set_title(f"{scores[i, j]:.3g}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def norm_vs_timestep(path: str | Path, bias: dict) -> None:
@@ -64,9 +68,7 @@ def norm_vs_timestep(path: str | Path, bias: dict) -> None:
     ax.set_ylabel("per-sample gradient norm ||g||")
     ax.set_title(f"gradient norm by timestep ({bias['mode']} mode; median, 10-90% band)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def norm_scatter(path: str | Path, norms: dict[str, np.ndarray], timesteps: dict[str, np.ndarray]) -> None:
@@ -79,9 +81,7 @@ def norm_scatter(path: str | Path, norms: dict[str, np.ndarray], timesteps: dict
     ax.set_ylabel("gradient norm")
     ax.set_title("per-sample gradient norm against its replayed timestep")
     ax.legend(fontsize=7, markerscale=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def influence_curves(path: str | Path, stats_by_method: dict[str, dict]) -> None:
@@ -97,9 +97,7 @@ def influence_curves(path: str | Path, stats_by_method: dict[str, dict]) -> None
     ax.set_xlabel("q: number of queries whose top-k contains the sample")
     ax.set_ylabel("training samples in >= q top-k lists")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def appearances_vs_norm(path: str | Path, counts: dict[str, np.ndarray], norms: np.ndarray) -> None:
@@ -111,9 +109,7 @@ def appearances_vs_norm(path: str | Path, counts: dict[str, np.ndarray], norms: 
     ax.set_xlabel("training gradient norm (mean over stored gradients, last checkpoint)")
     ax.set_ylabel("appearances in top-k lists")
     ax.legend(fontsize=7, markerscale=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def score_histogram(path: str | Path, scores: dict[str, np.ndarray], title: str) -> None:
@@ -124,6 +120,4 @@ def score_histogram(path: str | Path, scores: dict[str, np.ndarray], title: str)
         ax.set_title(method)
         ax.set_xlabel("score")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
