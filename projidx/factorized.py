@@ -246,9 +246,5 @@ def project_capture(
                 shape_o, shape_i = (batch // groups, -1, o.shape[-1]), (batch // groups, -1, i.shape[-1])
                 mean_sq += layer_sq_norms(o.reshape(shape_o) / groups, i.reshape(shape_i))
         else:
-            g = item.reshape(batch, -1).to(device, torch.float32)
-            sq += g.square().sum(dim=1)
-            if groups > 1:
-                mean_sq += g.reshape(batch // groups, groups, -1).mean(dim=1).square().sum(dim=1)
-            projector._accumulate(out, name, g)
+            projector.add_parameter(out, sq, mean_sq, name, item.reshape(batch, -1), groups)
     return out, sq, (sq if groups == 1 else mean_sq)

@@ -167,12 +167,19 @@ class Projector:
         sq = torch.zeros(batch, dtype=torch.float32, device=self.device)
         mean_sq = torch.zeros(batch // groups, dtype=torch.float32, device=self.device)
         for name in sorted(grads):
-            g = grads[name].reshape(batch, -1).to(self.device, torch.float32)
-            sq += g.square().sum(dim=1)
-            if groups > 1:
-                mean_sq += g.reshape(batch // groups, groups, -1).mean(dim=1).square().sum(dim=1)
-            self._accumulate(out, name, g)
+            self.add_parameter(out, sq, mean_sq, name, grads[name].reshape(batch, -1), groups)
         return out, sq, (sq if groups == 1 else mean_sq)
+
+    def add_parameter(
+        self, out: torch.Tensor, sq: torch.Tensor, mean_sq: torch.Tensor, name: str, g: torch.Tensor, groups: int
+    ) -> None:
+        """Fold one parameter's per-sample gradient g (B, p_name) into out (B, k) += P_name g, sq (B,) += ||g||^2
+        and, for groups > 1, mean_sq (B/groups,) += ||mean over each group of g||^2."""
+        g = g.to(self.device, torch.float32)
+        sq += g.square().sum(dim=1)
+        if groups > 1:
+            mean_sq += g.reshape(g.shape[0] // groups, groups, -1).mean(dim=1).square().sum(dim=1)
+        self._accumulate(out, name, g)
 
     def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor) -> None:
         """out (B, k) += P_name g, with g (B, p_name)."""
