@@ -93,7 +93,8 @@ def tracing(store: FeatureStore, qf, targets: np.ndarray) -> dict:
 def run_dataset(name: str, spec: str, config: TrainConfig, mode: str, args, out: Path) -> dict:
     data = load_dataset(spec)
     ckpts = cached_model(data, config, args.cache)
-    fcfg = FeaturizeConfig(proj_dim=args.proj_dim, train_timesteps=mode, timesteps=args.grid)
+    fcfg = FeaturizeConfig(proj_dim=args.proj_dim, train_timesteps=mode, timesteps=args.grid,
+                           train_draws=args.train_draws)
     start = time.perf_counter()
     store = featurize(ckpts, data, out / f"{name}-{mode}.zarr", fcfg)
     featurize_s = time.perf_counter() - start
@@ -161,6 +162,8 @@ def main() -> None:
     p.add_argument("--datasets", default="digits,photos")
     p.add_argument("--modes", default="replay", help="comma-separated: replay,grid")
     p.add_argument("--grid", type=int, default=8, help="grid mode: timesteps per training image")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's 30)")
+    p.add_argument("--train-draws", type=int, default=1, help="noise draws per training-side gradient (paper: 1)")
     p.add_argument("--proj-dim", type=int, default=2048)
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--top-k", type=int, default=50)
@@ -184,6 +187,8 @@ def main() -> None:
                "settings": vars(args), "runs": []}
     for name in args.datasets.split(","):
         spec, config = DATASETS[name]
+        if args.epochs is not None:
+            config = replace(config, epochs=args.epochs)
         for mode in args.modes.split(","):
             results["runs"].append(run_dataset(name, spec, config, mode, args, out))
             (out / "paper_repro.json").write_text(json.dumps(results, indent=1))

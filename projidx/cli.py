@@ -92,15 +92,17 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
 @click.option("--projector", type=click.Choice(PROJECTOR_CHOICES), default="auto", show_default=True,
               help="auto: factorized where every layer allows it, else sjlt.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the projection and of every noise draw.")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Gradients per vmap call.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Gradient evaluations per call.")
 @click.option("--chunk-rows", default=256, show_default=True, type=int, help="Store rows per chunk.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--objective", type=click.Choice(["loss", "dtrak"]), default="loss", show_default=True,
               help="Differentiate the training loss (the paper) or D-TRAK's mean squared model output.")
+@click.option("--train-draws", default=1, show_default=True, type=click.IntRange(1),
+              help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
 @_fail_cleanly
 def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, projector, seed, batch_size,
-              chunk_rows, dtype, device, objective) -> None:
+              chunk_rows, dtype, device, objective, train_draws) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
@@ -119,7 +121,7 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, proje
     config = FeaturizeConfig(projector=projector, proj_dim=proj_dim, seed=seed, dtype=dtype,
                              train_timesteps=train_timesteps or "auto",
                              timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
-                             objective=objective)
+                             objective=objective, train_draws=train_draws)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config)
     click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints"

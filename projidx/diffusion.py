@@ -2,8 +2,9 @@
 
 Images x0 are float tensors in [-1, 1], shaped (B, C, H, W). Timesteps are integers in [0, T).
 Every noise draw used for attribution comes from :func:`noise_for`, a pure function of
-(seed, sample id, checkpoint, timestep, draw index): the same sample gets the same noise whatever
-the batch, order, worker or machine.
+(stream, seed, sample id, checkpoint, timestep, draw index): the same sample gets the same noise whatever
+the batch, order, worker or machine. The training side and the query side draw from separate streams, so
+a training image used as its own query never reuses a training-side noise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from projidx.seeding import generator
 
 LOSSES = ("mse", "l1")
+TRAIN_NOISE, QUERY_NOISE = "noise", "query-noise"  # the two noise streams (training side, query side)
 OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
 SCHEDULES = ("linear", "cosine")
 
@@ -121,14 +123,16 @@ def noise_for(
     timesteps: Sequence[int],
     draw: int,
     shape: Sequence[int],
+    stream: str = TRAIN_NOISE,
 ) -> torch.Tensor:
-    """(B, *shape) float32 standard-normal noise; row b depends on (seed, ids[b], checkpoint, t[b], draw) only.
+    """(B, *shape) float32 standard-normal noise; row b depends on (stream, seed, ids[b], checkpoint, t[b], draw)
+    only.
 
     Generated on the CPU (bit-identical on every machine), the caller moves it to its device.
     """
     out = torch.empty((len(sample_ids), *shape), dtype=torch.float32)
     for b, (sid, t) in enumerate(zip(sample_ids, timesteps, strict=True)):
-        gen = generator("noise", seed, int(sid), checkpoint, int(t), draw)
+        gen = generator(stream, seed, int(sid), checkpoint, int(t), draw)
         out[b] = torch.randn(tuple(shape), generator=gen)
     return out
 

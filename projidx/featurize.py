@@ -2,12 +2,13 @@
 
 Training side, per checkpoint c and sample x (METHOD.md):
 - ``replay``: one gradient g_c(x, t_x^(c), eps) at the timestep x was drawn at in the epoch that ended
-  at checkpoint c (recorded by ``projidx train``), with noise draw 0;
-- ``grid``: one gradient per timestep of a K-point grid, noise draw 0 at each.
+  at checkpoint c (recorded by ``projidx train``);
+- ``grid``: one gradient per timestep of a K-point grid.
+With ``train_draws`` D > 1 each of those gradients is averaged over D noise draws (the paper: D = 1).
 Query side, per checkpoint c, query x' and timestep t of the query grid S: gbar_c(x', t), the gradient
-of the loss averaged over R noise draws (draws 1..R, so never the training-side draw).
-Every noise comes from (noise seed, sample id, checkpoint index, timestep, draw): results do not depend
-on batch size, chunking, order or machine.
+of the loss averaged over R noise draws.
+Every noise comes from (side, noise seed, sample id, checkpoint index, timestep, draw): the two sides never
+share a noise, and results do not depend on batch size, chunking, order or machine.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from tqdm import tqdm
 
 from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet
-from projidx.diffusion import OBJECTIVES, noise_for, timestep_grid
+from projidx.diffusion import OBJECTIVES, QUERY_NOISE, TRAIN_NOISE, noise_for, timestep_grid
 from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
 from projidx.grads import GradientComputer, model_fingerprint, parameter_shapes
 from projidx.projection import KINDS, Projector, ProjectorSpec, make_projector
 from projidx.store import MODES, Chunk, FeatureStore, StoreMeta
 
-TRAIN_DRAWS = range(0, 1)  # the training side's single noise draw; query draws are 1..R, never 0
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector (the CLI's choices)
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
 
@@ -49,6 +49,7 @@ class FeaturizeConfig:
     chunk_rows: int = 256
     device: str = "cpu"
     objective: str = "loss"
+    train_draws: int = 1  # noise draws averaged per training-side gradient (the paper: 1)
 
 
 def resolve_projector(kind: str, model: torch.nn.Module, objective: str = "loss") -> str:
@@ -156,6 +157,7 @@ def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, confi
         noise_seed=config.seed,
         chunk_rows=config.chunk_rows,
         objective=config.objective,
+        train_draws=config.train_draws,
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
     )
 
@@ -192,8 +194,8 @@ def featurize(
         raise ProjidxError(f"--objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if data.image_shape != tuple(ckpts.image_shape):
         raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
-    if config.batch_size < 1 or config.chunk_rows < 1:
-        raise ProjidxError("batch size and chunk rows must be >= 1")
+    if config.batch_size < 1 or config.chunk_rows < 1 or config.train_draws < 1:
+        raise ProjidxError("batch size, chunk rows and training-side noise draws must be >= 1")
     blobs = [c.load() for c in ckpts.checkpoints]  # validates every checkpoint before anything is written
     if config.train_timesteps == "auto":
         config = replace(config, train_timesteps="replay" if "replay_ids" in blobs[0] else "grid")
@@ -219,7 +221,8 @@ def featurize(
             rows = store.rows(i)
             times = replays[c][rows][:, None] if replays is not None else torch.tensor(meta.timesteps).expand(
                 rows.stop - rows.start, -1)
-            chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config, TRAIN_DRAWS)
+            chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config,
+                                    TRAIN_NOISE, config.train_draws)
             store.write_chunk(ckpt.id, i, chunk)
             bar.update(1)
             if on_chunk is not None:
@@ -250,17 +253,18 @@ def _featurize_rows(
     c: int,
     cid: str,
     config: FeaturizeConfig,
-    draws: range,
+    stream: str,
+    draws: int,
 ) -> Chunk:
     """Features of ``rows`` at checkpoint index ``c``: times (n, G) timesteps per sample; at each, the gradient
-    of the loss averaged over the noise draws ``draws`` (training side: draw 0; query side: draws 1..R).
+    of the loss averaged over noise draws 0..draws-1 of the noise ``stream`` (training or query side).
 
-    Gradients are computed ``batch_size`` at a time (samples x timesteps together) and projected in
+    Gradients are computed ``batch_size`` evaluations at a time (samples x timesteps x draws) and projected in
     calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).
     Returns features (n, G, k), norms (n, G) and the norm of each sample's mean gradient over G (n,).
     """
     n, g = times.shape
-    per_batch = max(1, config.batch_size // g)
+    per_batch = max(1, config.batch_size // (g * draws))
     per_call = projection_rows(projector, per_batch, g)
     feats, norms, mean_norms = [], [], []
     for start in range(0, n, per_call):
@@ -268,7 +272,7 @@ def _featurize_rows(
         ids = rows.ids[start:stop].repeat_interleave(g)
         t = times[start:stop].reshape(-1)
         projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c,
-                                                  config.seed, draws)
+                                                  config.seed, stream, draws)
         f, nrm = _unit(projected, sq, ids, t, cid)
         feats.append(f.reshape(stop - start, g, -1))
         norms.append(nrm.reshape(stop - start, g))
@@ -301,7 +305,8 @@ def _project_samples(
     per_batch: int,
     c: int,
     seed: int,
-    draws: range,
+    stream: str,
+    draws: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """P g, ||g||^2 (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)."""
     g = times.shape[1]
@@ -310,7 +315,7 @@ def _project_samples(
         x0, ids = rows.images[a:b], rows.ids[a:b]
         t = times[a:b].reshape(-1)
         rep = ids.repeat_interleave(g).tolist()
-        eps = torch.stack([noise_for(seed, rep, c, t.tolist(), d, x0.shape[1:]) for d in draws], dim=1)
+        eps = torch.stack([noise_for(seed, rep, c, t.tolist(), d, x0.shape[1:], stream) for d in range(draws)], dim=1)
         return x0.repeat_interleave(g, dim=0), t, eps
 
     if stop - start <= per_batch:
@@ -361,9 +366,9 @@ def featurize_queries(
     computer = gradient_computer(ckpts, meta.projector, device, meta.objective)
     projector = make_projector(meta.projector, device)
     # batch_size counts gradient evaluations: each (query, timestep) gradient averages noise_draws of them
-    config = FeaturizeConfig(seed=meta.noise_seed, batch_size=max(1, batch_size // noise_draws), device=device)
+    config = FeaturizeConfig(seed=meta.noise_seed, batch_size=batch_size, device=device)
     times = torch.tensor(grid).expand(len(queries), -1)
-    per_block = max(1, config.batch_size // len(grid))
+    per_block = max(1, batch_size // (len(grid) * noise_draws))
     out = QueryFeatures(queries.ids.numpy(), grid, [], [], [], store.uuid)
     bar = tqdm(total=len(ckpts.checkpoints) * len(queries), desc="query features", unit="query",
                disable=not progress)
@@ -373,7 +378,7 @@ def featurize_queries(
         for block in range(0, len(queries), per_block):
             rows = slice(block, min(block + per_block, len(queries)))
             parts.append(_featurize_rows(computer, projector, queries.subset(rows), times[rows], c, ckpt.id,
-                                         config, range(1, noise_draws + 1)))
+                                         config, QUERY_NOISE, noise_draws))
             bar.update(rows.stop - rows.start)
         out.features.append(np.concatenate([p.features for p in parts]))
         out.norms.append(np.concatenate([p.norms for p in parts]))

@@ -54,6 +54,7 @@ class StoreMeta:
     noise_seed: int
     chunk_rows: int
     objective: str = "loss"  # "loss" (the paper) or "dtrak" (D-TRAK's mean squared model output)
+    train_draws: int = 1  # noise draws averaged per training-side gradient
     checkpoint_dir: str | None = field(default=None, compare=False)
 
     @property
@@ -81,6 +82,7 @@ class StoreMeta:
             "noise_seed": self.noise_seed,
             "chunk_rows": self.chunk_rows,
             "objective": self.objective,
+            "train_draws": self.train_draws,
             "checkpoint_dir": self.checkpoint_dir,
         }
 
@@ -101,6 +103,7 @@ class StoreMeta:
             noise_seed=int(d["noise_seed"]),
             chunk_rows=int(d["chunk_rows"]),
             objective=d.get("objective", "loss"),
+            train_draws=int(d.get("train_draws", 1)),
             checkpoint_dir=d.get("checkpoint_dir"),
         )
 
@@ -120,6 +123,7 @@ class StoreMeta:
             "noise_seed": "noise seed",
             "chunk_rows": "chunk size",
             "objective": "objective",
+            "train_draws": "training-side noise draws",
         }
         differ = [label for attr, label in names.items() if getattr(self, attr) != getattr(other, attr)]
         return ", ".join(differ) or None

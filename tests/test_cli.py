@@ -148,6 +148,7 @@ def test_featurize_refuses_to_mix_stores(tmp_path, pipeline, rgb_npz):
         "timesteps": ["--timesteps", 4],
         "training-side timestep mode": ["--train-timesteps", "replay"],
         "noise seed": ["--seed", 1],
+        "training-side noise draws": ["--train-draws", 2],
     }
     for needle, extra in variants.items():
         args = list(base)

@@ -10,7 +10,7 @@ import torch
 
 from projidx.checkpoints import load_checkpoint_dir
 from projidx.data import from_arrays
-from projidx.diffusion import diffusion_loss, noise_for, timestep_grid
+from projidx.diffusion import QUERY_NOISE, diffusion_loss, noise_for, timestep_grid
 from projidx.featurize import FeaturizeConfig, featurize, featurize_queries
 from projidx.index import build_index, load_index
 from projidx.scoring import exact_scores, exact_topk, query_vectors
@@ -33,8 +33,9 @@ def _flat_grad(model, x0, t, eps, abar, loss) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads]).double()
 
 
-def _reference(ckpts, data, queries, mode):
-    """TracIn / ReTrac / cosine (M, N) computed from scratch from METHOD.md's formulas, no projection."""
+def _reference(ckpts, data, queries, mode, draws):
+    """TracIn / ReTrac / cosine (M, N) computed from scratch from METHOD.md's formulas, no projection; each
+    training-side gradient averaged over ``draws`` noise draws."""
     model = ckpts.model
     abar = ckpts.schedule.alphas_cumprod().float()
     shape = data.image_shape
@@ -47,12 +48,14 @@ def _reference(ckpts, data, queries, mode):
         train_g = []
         for x0, sid in zip(data.images, data.ids.tolist(), strict=True):
             ts = [replay[sid]] if mode == "replay" else timestep_grid(K, ckpts.schedule.T)
-            train_g.append([_flat_grad(model, x0, t, noise_for(SEED, [sid], c, [t], 0, shape), abar, ckpts.loss)
-                            for t in ts])
+            train_g.append([
+                _flat_grad(model, x0, t, torch.cat([noise_for(SEED, [sid], c, [t], d, shape) for d in range(draws)]),
+                           abar, ckpts.loss)
+                for t in ts])
         for i, (x0, qid) in enumerate(zip(queries.images, queries.ids.tolist(), strict=True)):
             gbar = []
             for t in grid_s:
-                eps = torch.cat([noise_for(SEED, [qid], c, [t], r + 1, shape) for r in range(R)])
+                eps = torch.cat([noise_for(SEED, [qid], c, [t], r, shape, QUERY_NOISE) for r in range(R)])
                 gbar.append(_flat_grad(model, x0, t, eps, abar, ckpts.loss))
             q_mean = torch.stack(gbar).mean(0)
             q_unit = torch.stack([g / g.norm() for g in gbar]).mean(0)
@@ -65,16 +68,16 @@ def _reference(ckpts, data, queries, mode):
     return scores
 
 
-@pytest.mark.parametrize("mode", ["replay", "grid"])
-def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tiny_data, tiny_queries, mode):
+@pytest.mark.parametrize(("mode", "draws"), [("replay", 1), ("grid", 1), ("replay", 3)])
+def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tiny_data, tiny_queries, mode, draws):
     data = tiny_data.subset(slice(0, 12))
     queries = tiny_queries.subset(slice(0, 3))
     config = FeaturizeConfig(projector="identity", seed=SEED, dtype="float32", train_timesteps=mode,
-                             timesteps=K, batch_size=7, chunk_rows=5)
+                             timesteps=K, batch_size=7, chunk_rows=5, train_draws=draws)
     store = featurize(tiny_ckpts, data, tmp_path / "s.zarr", config, progress=False)
     qf = featurize_queries(store, tiny_ckpts, queries, query_timesteps=S, noise_draws=R, batch_size=5,
                            progress=False)
-    ref = _reference(tiny_ckpts, data, queries, mode)
+    ref = _reference(tiny_ckpts, data, queries, mode, draws)
     for method, expected in ref.items():
         got = exact_scores(store, query_vectors(store, qf, method), method)
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max(), err_msg=method)
@@ -216,8 +219,8 @@ def test_factorized_query_features_equal_projecting_materialized_gradients(tmp_p
     computer.load_state_dict(tiny_ckpts.checkpoints[c].load()["state_dict"])
     ids = tiny_queries.ids.repeat_interleave(len(grid))
     t = torch.tensor(grid).repeat(len(tiny_queries))
-    eps = torch.stack([noise_for(store.meta.noise_seed, ids.tolist(), c, t.tolist(), d, tiny_queries.image_shape)
-                       for d in (1, 2)], dim=1)
+    eps = torch.stack([noise_for(store.meta.noise_seed, ids.tolist(), c, t.tolist(), d, tiny_queries.image_shape,
+                                 QUERY_NOISE) for d in (0, 1)], dim=1)
     grads = computer.per_sample(tiny_queries.images.repeat_interleave(len(grid), dim=0), t, eps)
     projected, sq, mean_sq = projector.project_with_norms(grads, len(grid))
     norms = sq.sqrt().reshape(len(tiny_queries), len(grid))
