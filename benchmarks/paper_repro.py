@@ -7,7 +7,8 @@ and evaluated as the paper does (Q = 16 queries, top-50):
 - timestep bias: the max/min ratio over timesteps of the median per-sample gradient norm (+ PNGs);
 - specificity: unique ratio and generally influential samples (in the top-50 of >= half the queries), TracIn vs
   ReTrac, for training-image queries and for generated queries (DDIM, 50 steps);
-- self-tracing: share of training-image queries whose own image ranks first;
+- self-tracing: share of training-image queries whose own image ranks first, and (replay mode) the same at each
+  checkpoint alone grouped by the replayed timestep, which shows where it fails;
 - planted near-duplicates: a lightly perturbed copy of a training image as query, top-1 / top-10 hit rates;
 - outliers (digits): digits + 3% 8x8 grayscale photo patches; share of majority queries' top-10 taken by outliers,
   and self-influence ROC-AUC for finding the outliers.
@@ -46,6 +47,7 @@ from projidx.train import TrainConfig
 from projidx.unet import UNetConfig
 
 METHODS = ("tracin", "retrac")
+TRACE_BINS = [0, 200, 400, 600, 800, 1000]  # replayed-timestep groups for the self-tracing breakdown
 DATASETS: dict[str, tuple[str, TrainConfig]] = {
     "digits": ("digits:train", DEMO_TRAIN),
     "photos": ("photos:train", replace(DEMO_TRAIN, unet=UNetConfig(channels=3, base=32))),
@@ -110,14 +112,18 @@ def run_dataset(name: str, spec: str, config: TrainConfig, mode: str, args, out:
     gen_q = generated(ckpts, q, args.seed)
     trace_rows = perm[: args.trace_queries]
     trace_q = subset(data, trace_rows)
+    trace_qf = qfeat(trace_q)
     result = {
         "dataset": spec, "mode": mode, "n_train": len(data), "featurize_s": featurize_s,
         "timestep_bias_median_ratio": {c: v["median_max_min_ratio"] for c, v in bias["checkpoints"].items()},
         "specificity_train_queries": specificity(store, qfeat(train_q), args.top_k),
         "specificity_generated_queries": specificity(store, qfeat(gen_q), args.top_k),
-        "self_tracing": tracing(store, qfeat(trace_q), trace_q.ids.numpy()),
+        "self_tracing": tracing(store, trace_qf, trace_q.ids.numpy()),
         "near_duplicates": tracing(store, qfeat(perturbed(trace_q, args.sigma, args.seed)), trace_q.ids.numpy()),
     }
+    if mode == "replay":
+        result["self_tracing_by_replayed_timestep"] = {
+            m: analysis.self_tracing_by_timestep(store, trace_qf, m, TRACE_BINS) for m in METHODS}
     tops = {m: attribute(store, qfeat(gen_q.subset(slice(0, 6))), m, 8, exact=True) for m in METHODS}
     from projidx.attribute import training_images
 
@@ -220,6 +226,11 @@ def print_table(results: dict) -> None:
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for row in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    for r in results["runs"]:
+        for m, groups in r.get("self_tracing_by_replayed_timestep", {}).items():
+            cells = ", ".join(f"[{g['timesteps'][0]},{g['timesteps'][1]}) {g['top1']:.2f} (rank {g['median_rank']:.0f})"
+                              for g in groups)
+            print(f"{r['dataset']} {m} single-checkpoint self top-1 by replayed timestep: {cells}")
     if "outliers" in results:
         o = results["outliers"]
         print(f"outliers: share of majority top-10 taken by outliers {o['outlier_share_of_majority_top10']} "

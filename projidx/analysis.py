@@ -133,6 +133,45 @@ def self_influence(store: FeatureStore, own: QueryFeatures, method: str) -> np.n
     return out
 
 
+def own_ranks(scores: np.ndarray, own_cols: np.ndarray) -> np.ndarray:
+    """(M,) rank of each query's own column among its (M, N) ``scores``: how many columns score strictly
+    higher (0 = ranked first)."""
+    own = scores[np.arange(len(scores)), own_cols]
+    return (scores > own[:, None]).sum(axis=1)
+
+
+def self_tracing_by_timestep(store: FeatureStore, own: QueryFeatures, method: str, edges: list[int]) -> list[dict]:
+    """Single-checkpoint self-tracing grouped by the replayed training timestep (replay-mode stores).
+
+    ``own``: training images featurized as queries. At each checkpoint c alone, each query's own row is ranked
+    among all N rows (:func:`own_ranks`) and filed under its replayed timestep t_x^(c); groups are
+    [edges[i], edges[i+1]), pooled over checkpoints. Returns per group {"timesteps": [lo, hi), "count", "top1"
+    (share ranked first), "median_rank"}: where ranks depend on t_x, the timestep still biases the method.
+    """
+    if store.meta.train_timesteps != "replay":
+        raise ValueError("self-tracing by timestep needs a replay-mode store (one timestep per sample)")
+    row = {int(i): r for r, i in enumerate(store.ids().tolist())}
+    own_rows = np.array([row[int(i)] for i in own.ids])
+    ranks, times = [], []
+    for c, (cid, w) in enumerate(zip(store.meta.checkpoint_ids, store.weights(), strict=True)):
+        v = side_vectors(method, own.features[c], own.norms[c], own.mean_norms[c], w)
+        scores = np.zeros((len(v), store.meta.n), np.float32)
+        stamp = np.zeros(store.meta.n, np.int64)
+        for rows, chunk in store.chunks(cid):
+            scores[:, rows] = v @ side_vectors(method, chunk.features, chunk.norms, chunk.mean_norms, w).T
+            stamp[rows] = chunk.timesteps[:, 0]
+        ranks.append(own_ranks(scores, own_rows))
+        times.append(stamp[own_rows])
+    rank, t = np.concatenate(ranks), np.concatenate(times)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (t >= lo) & (t < hi)
+        if sel.any():
+            out.append({"timesteps": [lo, hi], "count": int(sel.sum()), "top1": float(np.mean(rank[sel] == 0)),
+                        "median_rank": float(np.median(rank[sel]))})
+    return out
+
+
 def rank_agreement(approx: np.ndarray, exact: np.ndarray, ks: tuple[int, ...] = (10, 100)) -> dict:
     """Agreement of two (Q, N) score matrices, averaged over queries: Spearman, Kendall, top-k overlap."""
     out: dict[str, float] = {

@@ -10,8 +10,10 @@ from projidx.analysis import (
     generally_influential,
     influence_stats,
     norm_by_timestep,
+    own_ranks,
     rank_agreement,
     self_influence,
+    self_tracing_by_timestep,
     timestep_bias,
     unique_ratio,
 )
@@ -128,3 +130,30 @@ def test_rank_agreement_extremes():
                     "top100_overlap": 1.0}
     rev = rank_agreement(-exact, exact)
     assert rev["spearman"] == pytest.approx(-1) and rev["top10_overlap"] == 0.0
+
+
+def test_own_ranks_by_hand():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.4, 0.4, 0.4]])
+    assert own_ranks(scores, np.array([0, 0, 2])).tolist() == [0, 2, 0]  # ties do not push a row down
+
+
+def test_self_tracing_by_timestep_finds_the_rows_a_direction_bias_hides(tmp_path):
+    """Rows replayed at t < 500 share one direction that every query leans towards; a query that is one of the
+    other rows then loses to them, a query that is one of them wins (its own row matches best)."""
+    rng = np.random.default_rng(4)
+    common = _unit(rng.normal(size=K))
+    features = _unit(rng.normal(size=(N, K)))
+    features = _unit(features - np.outer(features @ common, common))
+    timesteps = np.where(np.arange(N) < N // 2, 100, 900).astype(np.int32)
+    early = timesteps < 500
+    features[early] = _unit(features[early] + 2.0 * common)
+    store = synthetic_store(tmp_path / "t.zarr", np.ones(N, np.float32), timesteps, features.astype(np.float32))
+    rows = np.array([0, 1, 2, N - 3, N - 2, N - 1])
+    q = _unit(features[rows] + 1.5 * common).astype(np.float32)
+    own = QueryFeatures(store.ids()[rows], [500], [q[:, None]], [np.ones((len(rows), 1), np.float32)],
+                        [np.ones(len(rows), np.float32)])
+    table = self_tracing_by_timestep(store, own, "retrac", [0, 500, 1000])
+    assert [g["timesteps"] for g in table] == [[0, 500], [500, 1000]]
+    assert [g["count"] for g in table] == [3, 3]
+    assert table[0]["top1"] == 1.0 and table[0]["median_rank"] == 0
+    assert table[1]["top1"] == 0.0 and table[1]["median_rank"] > 0
