@@ -13,7 +13,8 @@ and evaluated as the paper does (Q = 16 queries, top-50):
 - outliers (digits): digits + 3% 8x8 grayscale photo patches; share of majority queries' top-10 taken by outliers,
   and self-influence ROC-AUC for finding the outliers.
 
-Query side: S timesteps x R noise draws (default 10 x 4; the paper uses 100 x 16: --query-timesteps/--noise-draws).
+Query side: S timesteps x R noise draws (default 10 x 4; the paper uses 100 x 16: --query-timesteps/--noise-draws);
+training side: D noise draws per gradient (default 1, the paper: --train-draws); --epochs trains longer than the demo.
 
     python benchmarks/paper_repro.py --out bench-out/paper_repro          # ~15-25 min on 2 cores
     python benchmarks/paper_repro.py --quick --out /tmp/pr                 # smoke run
