@@ -28,7 +28,9 @@ def _grads(batch: int, seed: int = 0, shapes=SHAPES) -> dict[str, torch.Tensor]:
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+    """Equal up to float32 summation order: another thread count or batch shape may reorder the sums of a
+    matrix product (observed: 1e-4 on entries of size 15), so the tolerance scales with the entries."""
+    return torch.allclose(x, y, rtol=1e-5, atol=1e-4 * float(y.abs().max()))
 
 
 @pytest.mark.parametrize("kind", RANDOM_KINDS)
@@ -91,7 +93,8 @@ def test_srht_transform_is_the_hadamard_matrix():
     for n in (1, 2, 8, 64, 128, 4096):
         x = torch.randn(3, n, dtype=torch.float64).float()
         hs = {s: sylvester_hadamard(s) for s in hadamard_axes(n)}
-        torch.testing.assert_close(fwht(x, hs), x @ sylvester_hadamard(n), rtol=1e-5, atol=1e-4)
+        # float32 rounding of a length-n sum of entries of size ~sqrt(n) (observed 2.5e-4 at n = 4096)
+        torch.testing.assert_close(fwht(x, hs), x @ sylvester_hadamard(n), rtol=1e-5, atol=2e-5 * math.sqrt(n))
 
 
 def test_srht_equals_its_explicit_matrix():
