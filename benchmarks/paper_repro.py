@@ -229,8 +229,8 @@ def print_table(results: dict) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     for r in results["runs"]:
         for m, groups in r.get("self_tracing_by_replayed_timestep", {}).items():
-            cells = ", ".join(f"[{g['timesteps'][0]},{g['timesteps'][1]}) {g['top1']:.2f} (rank {g['median_rank']:.0f})"
-                              for g in groups)
+            cells = ", ".join(f"[{g['timesteps'][0]},{g['timesteps'][1]}) {g['top1']:.2f} (rank {g['median_rank']:.0f},"
+                              f" mean score {g['mean_score']:+.3f})" for g in groups)
             print(f"{r['dataset']} {m} single-checkpoint self top-1 by replayed timestep: {cells}")
     if "outliers" in results:
         o = results["outliers"]

@@ -146,13 +146,17 @@ def self_tracing_by_timestep(store: FeatureStore, own: QueryFeatures, method: st
     ``own``: training images featurized as queries. At each checkpoint c alone, each query's own row is ranked
     among all N rows (:func:`own_ranks`) and filed under its replayed timestep t_x^(c); groups are
     [edges[i], edges[i+1]), pooled over checkpoints. Returns per group {"timesteps": [lo, hi), "count", "top1"
-    (share ranked first), "median_rank"}: where ranks depend on t_x, the timestep still biases the method.
+    (share ranked first), "median_rank", "mean_score"}: where ranks depend on t_x, the timestep still biases the
+    method. ``mean_score`` is the mean single-checkpoint score that all N rows replayed in the group get from all
+    the queries: a group that scores high for every query is generally influential because of its timestep.
     """
     if store.meta.train_timesteps != "replay":
         raise ValueError("self-tracing by timestep needs a replay-mode store (one timestep per sample)")
     row = {int(i): r for r, i in enumerate(store.ids().tolist())}
     own_rows = np.array([row[int(i)] for i in own.ids])
     ranks, times = [], []
+    score_sum, score_count = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+    groups = list(zip(edges[:-1], edges[1:], strict=True))
     for c, (cid, w) in enumerate(zip(store.meta.checkpoint_ids, store.weights(), strict=True)):
         v = side_vectors(method, own.features[c], own.norms[c], own.mean_norms[c], w)
         scores = np.zeros((len(v), store.meta.n), np.float32)
@@ -162,13 +166,17 @@ def self_tracing_by_timestep(store: FeatureStore, own: QueryFeatures, method: st
             stamp[rows] = chunk.timesteps[:, 0]
         ranks.append(own_ranks(scores, own_rows))
         times.append(stamp[own_rows])
+        for g, (lo, hi) in enumerate(groups):
+            cols = scores[:, (stamp >= lo) & (stamp < hi)]
+            score_sum[g] += float(cols.sum(dtype=np.float64))
+            score_count[g] += cols.size
     rank, t = np.concatenate(ranks), np.concatenate(times)
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for g, (lo, hi) in enumerate(groups):
         sel = (t >= lo) & (t < hi)
         if sel.any():
             out.append({"timesteps": [lo, hi], "count": int(sel.sum()), "top1": float(np.mean(rank[sel] == 0)),
-                        "median_rank": float(np.median(rank[sel]))})
+                        "median_rank": float(np.median(rank[sel])), "mean_score": score_sum[g] / score_count[g]})
     return out
 
 

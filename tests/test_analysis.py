@@ -157,3 +157,8 @@ def test_self_tracing_by_timestep_finds_the_rows_a_direction_bias_hides(tmp_path
     assert [g["count"] for g in table] == [3, 3]
     assert table[0]["top1"] == 1.0 and table[0]["median_rank"] == 0
     assert table[1]["top1"] == 0.0 and table[1]["median_rank"] > 0
+    # the early rows lean towards every query: they score higher on average than the late ones, by the hand count
+    q_all = q @ features.T.astype(np.float32)
+    assert table[0]["mean_score"] == pytest.approx(q_all[:, early].mean(), rel=1e-5)
+    assert table[1]["mean_score"] == pytest.approx(q_all[:, ~early].mean(), rel=1e-5)
+    assert table[0]["mean_score"] > table[1]["mean_score"]
