@@ -89,8 +89,8 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
               help="replay (default when recorded) or a grid of --timesteps timesteps.")
 @click.option("--timesteps", default=10, show_default=True, type=int, help="Grid size in grid mode.")
 @click.option("--proj-dim", default=2048, show_default=True, type=int)
-@click.option("--projector", type=click.Choice(PROJECTOR_CHOICES), default="auto", show_default=True,
-              help="auto: factorized where every layer allows it, else sjlt.")
+@click.option("--projector", type=click.Choice(PROJECTOR_CHOICES), default="sjlt", show_default=True,
+              help="sjlt (faithful, fast), or auto: factorized where every layer allows it (faster, less faithful).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the projection and of every noise draw.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Gradient evaluations per call.")
 @click.option("--chunk-rows", default=256, show_default=True, type=int, help="Store rows per chunk.")

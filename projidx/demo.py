@@ -25,7 +25,7 @@ DEMO_TRAIN = TrainConfig(epochs=30, checkpoints=4, seed=0, loss="mse", lr=1e-3, 
 # Grid mode (8 timesteps per training image) rather than the paper's replay: one replayed gradient at a random
 # timestep is a noisy picture of a sample; on this model ReTrac's top-1 was the same digit for 38% of 64 held-out
 # digits with replay and 62% with the grid (sjlt k=2048, exact scan; docs/results.md). Replay stays featurize's
-# default. sjlt rather than featurize's auto (factorized): the i.i.d. projection is the more faithful one.
+# default; sjlt is featurize's default projector.
 DEMO_FEATURIZE = FeaturizeConfig(projector="sjlt", proj_dim=2048, seed=0, dtype="float16", train_timesteps="grid",
                                  timesteps=8)
 DEMO_QUERIES = 8

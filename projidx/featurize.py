@@ -38,7 +38,7 @@ PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection
 class FeaturizeConfig:
     """Training-side featurization settings. ``batch_size`` counts gradients per vmap call."""
 
-    projector: str = "auto"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
+    projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
     proj_dim: int = 2048
     seed: int = 0
     dtype: str = "float16"
@@ -53,7 +53,7 @@ class FeaturizeConfig:
 
 
 def resolve_projector(kind: str, model: torch.nn.Module, objective: str = "loss") -> str:
-    """``auto`` -> ``factorized`` (the fastest kind meeting the fidelity target, docs/performance.md) when
+    """``auto`` -> ``factorized`` (the fastest kind; less faithful than sjlt at equal k, docs/results.md) when
     every trainable layer of ``model`` is one it supports and the objective is the loss, else ``sjlt``; any
     other kind is returned as is."""
     if kind != "auto":
