@@ -9,7 +9,7 @@ from torch import nn
 
 from projidx.diffusion import NoiseSchedule
 from projidx.factorized import FactorizedGradients, LayerFactors, layer_sq_norms, project_capture
-from projidx.featurize import FeaturizeConfig, featurize
+from projidx.featurize import FeaturizeConfig, featurize, resolve_projector
 from projidx.grads import GradientComputer, parameter_shapes
 from projidx.projection import ProjectorSpec, make_projector
 
@@ -106,6 +106,16 @@ def test_unsupported_layers_are_refused():
 
     with pytest.raises(ValueError, match="Embedding"):
         FactorizedGradients(WithEmbedding(), NoiseSchedule(), "mse")
+    assert resolve_projector("auto", WithEmbedding()) == "sjlt"  # auto falls back to sjlt there
+
+
+def test_default_projector_is_sjlt_and_auto_picks_factorized_where_it_can(tmp_path, tiny_ckpts, tiny_data):
+    assert resolve_projector("auto", tiny_ckpts.model) == "factorized"
+    assert resolve_projector("auto", tiny_ckpts.model, objective="dtrak") == "sjlt"
+    assert resolve_projector("dense", tiny_ckpts.model) == "dense"
+    store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 8)), tmp_path / "d.zarr", FeaturizeConfig(proj_dim=64),
+                      progress=False)
+    assert store.meta.projector.kind == "sjlt"
 
 
 @pytest.mark.parametrize("mode", ["replay", "grid"])
