@@ -149,6 +149,7 @@ def self_tracing_by_timestep(store: FeatureStore, own: QueryFeatures, method: st
     (share ranked first), "median_rank", "mean_score"}: where ranks depend on t_x, the timestep still biases the
     method. ``mean_score`` is the mean single-checkpoint score that all N rows replayed in the group get from all
     the queries: a group that scores high for every query is generally influential because of its timestep.
+    Holds one checkpoint's dense (M, N) float32 scores at a time: an evaluation tool for stores of modest N.
     """
     if store.meta.train_timesteps != "replay":
         raise ValueError("self-tracing by timestep needs a replay-mode store (one timestep per sample)")

@@ -36,7 +36,8 @@ PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
-    """Training-side featurization settings. ``batch_size`` counts gradients per vmap call."""
+    """Training-side featurization settings. ``batch_size`` counts gradient evaluations per call (samples x
+    timesteps x ``train_draws``); it never changes results."""
 
     projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
     proj_dim: int = 2048
