@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from projidx.diffusion import NoiseSchedule, diffusion_loss, noise_for, timestep_grid
+from projidx.diffusion import QUERY_NOISE, NoiseSchedule, diffusion_loss, noise_for, timestep_grid
 from projidx.grads import GradientComputer, squared_norms
 from projidx.unet import SmallUNet, UNetConfig
 
@@ -47,7 +47,7 @@ def test_noise_depends_only_on_its_key():
     assert not torch.equal(a[0], noise_for(7, [3], 1, [10], 1, (1, 8, 8))[0])  # another draw
     assert not torch.equal(a[0], noise_for(7, [3], 2, [10], 0, (1, 8, 8))[0])  # another checkpoint
     assert not torch.equal(a[0], noise_for(8, [3], 1, [10], 0, (1, 8, 8))[0])  # another seed
-    assert not torch.equal(a[0], noise_for(7, [3], 1, [10], 0, (1, 8, 8), "query-noise")[0])  # the query side
+    assert not torch.equal(a[0], noise_for(7, [3], 1, [10], 0, (1, 8, 8), QUERY_NOISE)[0])  # the query side
 
 
 def test_timestep_grid_matches_the_paper():
