@@ -10,7 +10,9 @@
    (sum of scores, -loss); LDS = mean over queries, with a bootstrap 95% interval over queries.
 
 Methods: TracIn, ReTrac and cosine on the paper's replay features, on grid features (K timesteps), and on
-grid features of D-TRAK's objective (gradient of the mean squared model output, ``featurize --objective dtrak``).
+grid features of D-TRAK's objective (gradient of the mean squared model output, ``featurize --objective dtrak``),
+plus the timestep-matched cosine (``matched``) on grid features; each under both noise policies (``--noise``).
+Query settings are the store's defaults (``projidx query``'s) unless --query-timesteps / --noise-draws are given.
 Nothing is tuned on the evaluation: the recipe is fixed before the retrained models are looked at.
 
     python benchmarks/lds.py --out bench-out/lds            # < 60 min on 2 cores (retrained models cached)
@@ -83,8 +85,9 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--grid", type=int, default=10, help="timesteps per training image in grid mode")
     p.add_argument("--proj-dim", type=int, default=2048)
-    p.add_argument("--query-timesteps", type=int, default=10)
-    p.add_argument("--noise-draws", type=int, default=4)
+    p.add_argument("--query-timesteps", type=int, default=None, help="default: the store's grid, else 10")
+    p.add_argument("--noise-draws", type=int, default=None, help="default: D with shared noise, else 4")
+    p.add_argument("--noise", default="shared,per-sample", help="comma-separated noise policies")
     p.add_argument("--output-timesteps", type=int, default=10)
     p.add_argument("--output-draws", type=int, default=4)
     p.add_argument("--quick", action="store_true")
@@ -117,14 +120,17 @@ def main() -> None:
     np.savez(npz, images=full.images.numpy(), ids=full.ids.numpy())
     train_set = load_dataset(str(npz))
     ckpts = cached_model(train_set, config, args.cache)
-    variants = {"replay": ("replay", "loss"), f"grid{args.grid}": ("grid", "loss"),
+    features = {"replay": ("replay", "loss"), f"grid{args.grid}": ("grid", "loss"),
                 f"grid{args.grid}-dtrak": ("grid", "dtrak")}
+    variants = {f"{label}/{noise}": (mode, objective, noise) for noise in args.noise.split(",")
+                for label, (mode, objective) in features.items()}
     rows, per_query = [], {}
-    for label, (mode, objective) in variants.items():
-        fcfg = FeaturizeConfig(proj_dim=args.proj_dim, train_timesteps=mode, timesteps=args.grid, objective=objective)
-        store = featurize(ckpts, train_set, out / f"lds-{label}.zarr", fcfg)
+    for label, (mode, objective, noise) in variants.items():
+        fcfg = FeaturizeConfig(proj_dim=args.proj_dim, train_timesteps=mode, timesteps=args.grid, objective=objective,
+                               noise=noise)
+        store = featurize(ckpts, train_set, out / f"lds-{label.replace('/', '-')}.zarr", fcfg)
         qf = featurize_queries(store, ckpts, queries, args.query_timesteps, args.noise_draws)
-        for method in METHODS:
+        for method in [m for m in METHODS if m != "matched" or mode == "grid"]:
             scores = exact_scores(store, query_vectors(store, qf, method), method)
             values = lds(scores, masks, outputs)
             lo, hi = bootstrap_ci(values)
@@ -137,9 +143,9 @@ def main() -> None:
         "results": rows, "per_query": per_query,
     }
     (out / "lds.json").write_text(json.dumps(result, indent=1))
-    print(f"{'features':<16} {'method':<8} {'LDS':>7}  95% CI")
+    print(f"{'features/noise':<28} {'method':<8} {'LDS':>7}  95% CI")
     for r in rows:
-        print(f"{r['features']:<16} {r['method']:<8} {r['lds']:7.3f}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+        print(f"{r['features']:<28} {r['method']:<8} {r['lds']:7.3f}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
     print(f"wall time {result['wall_s']:.0f}s (retraining {retrain_s:.0f}s)")
 
 

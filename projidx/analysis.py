@@ -13,7 +13,7 @@ import numpy as np
 from scipy import stats
 
 from projidx.featurize import QueryFeatures
-from projidx.scoring import side_vectors
+from projidx.scoring import check_method, side_vectors
 from projidx.store import FeatureStore
 
 REPLAY_BINS = 20
@@ -70,8 +70,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def unique_ratio(top_ids: np.ndarray) -> float:
-    """Distinct training samples in the union of the Q top-k lists over Q * k (the paper's specificity)."""
-    return float(len(np.unique(top_ids)) / top_ids.size)
+    """Distinct training samples in the union of the Q top-k lists over Q * k (the paper's specificity); the
+    empty slot -1 an approximate index may leave is not a sample."""
+    return float(len(np.setdiff1d(np.unique(top_ids), [-1])) / top_ids.size)
 
 
 def appearance_counts(top_ids: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
@@ -123,12 +124,14 @@ def self_influence(store: FeatureStore, own: QueryFeatures, method: str) -> np.n
     as queries, in the store's row order)."""
     if not np.array_equal(own.ids, store.ids()):
         raise ValueError("self-influence needs the training set featurized as queries, in store order")
+    check_method(store, method, own.timesteps)
+    seed = store.meta.projector.seed
     out = np.zeros(store.meta.n)
     for cid, w, qf, qn, qm in zip(store.meta.checkpoint_ids, store.weights(), own.features, own.norms,
                                   own.mean_norms, strict=True):
         for rows, chunk in store.chunks(cid):
-            u = side_vectors(method, chunk.features, chunk.norms, chunk.mean_norms, w)
-            v = side_vectors(method, qf[rows], qn[rows], qm[rows], w)
+            u = side_vectors(method, chunk.features, chunk.norms, chunk.mean_norms, w, store.meta.timesteps, seed)
+            v = side_vectors(method, qf[rows], qn[rows], qm[rows], w, own.timesteps, seed)
             out[rows] += (u * v).sum(axis=1)
     return out
 

@@ -15,7 +15,7 @@ from projidx.data import ImageSet, load_dataset
 from projidx.errors import ProjidxError
 from projidx.featurize import QueryFeatures, featurize_queries
 from projidx.index import load_index
-from projidx.scoring import METHODS, exact_topk, query_vectors
+from projidx.scoring import check_method, exact_topk, query_vectors
 from projidx.store import FeatureStore
 
 
@@ -55,15 +55,15 @@ def attribute(
     top_k: int = 10,
     exact: bool = False,
     ckpts: CheckpointSet | None = None,
-    query_timesteps: int = 10,
-    noise_draws: int = 4,
+    query_timesteps: int | None = None,
+    noise_draws: int | None = None,
     progress: bool = False,
     nprobe: int | None = None,
     device: str = "cpu",
 ) -> Attribution:
-    """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index)."""
-    if method not in METHODS:
-        raise ProjidxError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index).
+    ``query_timesteps`` and ``noise_draws`` default as :func:`projidx.featurize.query_defaults` says."""
+    check_method(store, method)
     index = None if exact else load_index(store, method, nprobe=nprobe)  # fail before featurizing
     if isinstance(queries, ImageSet):
         queries = featurize_queries(store, ckpts or store_checkpoints(store), queries, query_timesteps,

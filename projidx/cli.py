@@ -9,8 +9,14 @@ from pathlib import Path
 
 import click
 
+from projidx.diffusion import NOISE_POLICIES, SCHEDULES
 from projidx.errors import ProjidxError
-from projidx.featurize import PROJECTOR_CHOICES
+from projidx.featurize import PROJECTOR_CHOICES, FeaturizeConfig
+from projidx.scoring import METHODS
+
+FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
+METHOD_HELP = ("matched (default on grid stores: mean over the grid of the cosine at the same timestep), retrac"
+               " (the paper's bias-corrected method), tracin (the paper's baseline), cosine (of the timestep means).")
 
 
 def _fail_cleanly(fn):
@@ -65,7 +71,8 @@ def main() -> None:
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--width", default=32, show_default=True, type=click.IntRange(8), help="UNet base channels.")
-@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True,
+              help="Beta schedule; cosine-clipped is the ReTrac authors' cosine (betas clipped to [1e-4, 0.02]).")
 @_fail_cleanly
 def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule) -> None:
     """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
@@ -85,72 +92,90 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
 @click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(), help="Checkpoint directory.")
 @click.option("--data", required=True, help="The training data the checkpoints were trained on.")
 @click.option("--store", required=True, type=click.Path(), help="Zarr store to create or resume.")
-@click.option("--train-timesteps", type=click.Choice(["replay", "grid"]), default=None,
-              help="replay (default when recorded) or a grid of --timesteps timesteps.")
-@click.option("--timesteps", default=10, show_default=True, type=int, help="Grid size in grid mode.")
-@click.option("--proj-dim", default=2048, show_default=True, type=int)
-@click.option("--projector", type=click.Choice(PROJECTOR_CHOICES), default="sjlt", show_default=True,
+@click.option("--train-timesteps", type=click.Choice(["grid", "replay"]), default=FEATURIZE.train_timesteps,
+              show_default=True,
+              help="grid: --timesteps gradients per image (needed by the matched method); replay: the one timestep"
+                   " each image was trained at (the paper's setting, needs recorded timesteps).")
+@click.option("--timesteps", default=FEATURIZE.timesteps, show_default=True, type=int, help="Grid size in grid mode.")
+@click.option("--noise", type=click.Choice(NOISE_POLICIES), default=FEATURIZE.noise, show_default=True,
+              help="shared: the same noise for every image and both sides at each (checkpoint, timestep, draw);"
+                   " per-sample: a noise per image and side (the paper's code).")
+@click.option("--proj-dim", default=FEATURIZE.proj_dim, show_default=True, type=int, help="Projected dimension k.")
+@click.option("--projector", type=click.Choice(PROJECTOR_CHOICES), default=FEATURIZE.projector, show_default=True,
               help="sjlt (faithful, fast), or auto: factorized where every layer allows it (faster, less faithful).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the projection and of every noise draw.")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Gradient evaluations per call.")
-@click.option("--chunk-rows", default=256, show_default=True, type=int, help="Store rows per chunk.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--objective", type=click.Choice(["loss", "dtrak"]), default="loss", show_default=True,
+@click.option("--projection-seed", default=FEATURIZE.projection_seed, show_default=True,
+              help="Seed of the JL projection only.")
+@click.option("--noise-seed", default=FEATURIZE.noise_seed, show_default=True, help="Seed of every noise draw only.")
+@click.option("--batch-size", default=FEATURIZE.batch_size, show_default=True, type=int,
+              help="Gradient evaluations per call (never changes results).")
+@click.option("--chunk-rows", default=FEATURIZE.chunk_rows, show_default=True, type=int, help="Store rows per chunk.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=FEATURIZE.dtype, show_default=True,
+              help="Storage type of the unit projected gradients (norms are always float32).")
+@click.option("--device", default=FEATURIZE.device, show_default=True, help="Where gradients are computed.")
+@click.option("--objective", type=click.Choice(["loss", "dtrak"]), default=FEATURIZE.objective, show_default=True,
               help="Differentiate the training loss (the paper) or D-TRAK's mean squared model output.")
-@click.option("--train-draws", default=1, show_default=True, type=click.IntRange(1),
+@click.option("--train-draws", default=FEATURIZE.train_draws, show_default=True, type=click.IntRange(1),
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
 @_fail_cleanly
-def featurize(ckpt_dir, data, store, train_timesteps, timesteps, proj_dim, projector, seed, batch_size,
-              chunk_rows, dtype, device, objective, train_draws) -> None:
+def featurize(ckpt_dir, data, store, train_timesteps, timesteps, noise, proj_dim, projector, projection_seed,
+              noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
     from projidx.checkpoints import load_checkpoint_dir
     from projidx.data import load_dataset
-    from projidx.featurize import FeaturizeConfig
     from projidx.featurize import featurize as run_featurize
 
-    if proj_dim < 1:
-        raise ProjidxError(f"--proj-dim must be >= 1, got {proj_dim}")
     _check_device(device)
-    if timesteps < 1:
-        raise ProjidxError(f"--timesteps must be >= 1, got {timesteps}")
+    config = _flags(FeaturizeConfig, projector=projector, proj_dim=proj_dim, projection_seed=projection_seed,
+                    noise_seed=noise_seed, noise=noise, dtype=dtype, train_timesteps=train_timesteps,
+                    timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
+                    objective=objective, train_draws=train_draws)
     ckpts = load_checkpoint_dir(ckpt_dir)
     images = load_dataset(data)
-    config = FeaturizeConfig(projector=projector, proj_dim=proj_dim, seed=seed, dtype=dtype,
-                             train_timesteps=train_timesteps or "auto",
-                             timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
-                             objective=objective, train_draws=train_draws)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config)
-    click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints"
-               f" ({fs.meta.train_timesteps}) into {store} in {time.perf_counter() - start:.1f}s")
+    click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({fs.meta.train_timesteps},"
+               f" {fs.meta.noise} noise) into {store} in {time.perf_counter() - start:.1f}s")
+
+
+def _flags(cls, **values):
+    """``cls(**values)``, with a library error's argument name shown as the CLI flag (proj_dim -> --proj-dim)."""
+    try:
+        return cls(**values)
+    except ProjidxError as e:
+        message = str(e)
+        for name in values:
+            message = message.replace(f"{name} must", f"--{name.replace('_', '-')} must")
+        raise ProjidxError(message) from None
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path())
-@click.option("--method", required=True, type=click.Choice(["tracin", "retrac", "cosine"]))
+@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
 @click.option("--factory", default="Flat", show_default=True, help="FAISS index-factory string.")
 @_fail_cleanly
 def index(store, method, factory) -> None:
     """Build a top-k index whose inner product is the method's score."""
     from projidx.index import build_index
+    from projidx.scoring import default_method
     from projidx.store import FeatureStore
 
-    path = build_index(FeatureStore.open(store), method, factory)
+    fs = FeatureStore.open(store)
+    path = build_index(fs, method or default_method(fs), factory)
     click.echo(f"wrote {path}")
 
 
 @main.command()
 @click.option("--store", required=True, type=click.Path())
 @click.option("--data", required=True, help="Query images: digits:test, an .npz, ...")
-@click.option("--method", required=True, type=click.Choice(["tracin", "retrac", "cosine"]))
+@click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--query-timesteps", default=10, show_default=True, type=click.IntRange(1),
-              help="Size of the query timestep grid S (the paper: 100).")
-@click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1),
-              help="Noise draws R averaged per timestep (the paper: 16).")
+@click.option("--query-timesteps", default=None, type=click.IntRange(1),
+              help="Size of the query timestep grid S (the paper: 100) [default: the store's grid, else 10].")
+@click.option("--noise-draws", default=None, type=click.IntRange(1),
+              help="Noise draws R averaged per timestep (the paper: 16) [default: the store's training draws with"
+                   " shared noise, else 4].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="RESULTS.json to write.")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid.")
 @click.option("--exact", is_flag=True, help="Exact streaming scan of the store instead of the index.")
@@ -162,10 +187,12 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     """Top-k influential training samples for each query image."""
     from projidx.attribute import attribute, training_images
     from projidx.data import load_dataset
+    from projidx.scoring import default_method
     from projidx.store import FeatureStore
 
     _check_device(device)
     fs = FeatureStore.open(store)
+    method = method or default_method(fs)
     queries = load_dataset(data)
     if limit is not None:
         queries = queries.subset(slice(0, limit))
@@ -193,6 +220,57 @@ def info(store) -> None:
     done = {cid: f"{int(fs.done(cid).sum())}/{fs.n_chunks}" for cid in fs.meta.checkpoint_ids}
     click.echo(json.dumps({"projector": fs.meta.projector.describe(), "chunks_done": done,
                            "bytes_on_disk": fs.nbytes_on_disk(), **meta}, indent=2))
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--data", default=None, help="Its training data, if not loadable by the name the store records.")
+@click.option("--samples", default=16, show_default=True, type=click.IntRange(1), help="Training rows to check.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the row sample and of the near-copy noise.")
+@click.option("--sigma", default=6 / 255, show_default=True, type=click.FloatRange(0),
+              help="Near-copy noise standard deviation, in units of the [0, 1] pixel range.")
+@click.option("--method", "methods", type=click.Choice(METHODS), multiple=True,
+              help="Methods to check (repeatable) [default: every method the store supports].")
+@click.option("--query-timesteps", default=None, type=click.IntRange(1), help="As for query.")
+@click.option("--noise-draws", default=None, type=click.IntRange(1), help="As for query.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
+@click.option("--min-self-top1", type=click.FloatRange(0, 1), default=None,
+              help="Exit 1 if the default method's self-tracing top-1 share is below this.")
+@click.option("--min-near-top10", type=click.FloatRange(0, 1), default=None,
+              help="Exit 1 if the default method's near-copy top-10 share is below this.")
+@click.option("--min-shift-top10", type=click.FloatRange(0, 1), default=None,
+              help="Exit 1 if the default method's one-pixel-shift top-10 share is below this.")
+@_fail_cleanly
+def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
+             min_near_top10, min_shift_top10) -> None:
+    """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
+    from projidx.attribute import store_checkpoints, store_dataset
+    from projidx.data import load_dataset
+    from projidx.scoring import default_method
+    from projidx.store import FeatureStore
+    from projidx.validate import CHECKS, failures, validate_store
+
+    fs = FeatureStore.open(store)
+    train = load_dataset(data) if data else store_dataset(fs)
+    report = validate_store(fs, store_checkpoints(fs), train, samples, seed, sigma, tuple(methods) or None,
+                            query_timesteps, noise_draws, progress=True)
+    click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"
+               " (median rank)")
+    click.echo(f"{'method':<9}" + "".join(f"{c:>24}" for c in CHECKS))
+    for method, checks in report["methods"].items():
+        cells = [f"{r['top1']:.2f} / {r['top10']:.2f} ({r['median_rank']:g})" for r in checks.values()]
+        click.echo(f"{method:<9}" + "".join(f"{c:>24}" for c in cells))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+    wanted = {("self", "top1"): min_self_top1, ("near-copy", "top10"): min_near_top10,
+              ("shift", "top10"): min_shift_top10}
+    thresholds = {key: v for key, v in wanted.items() if v is not None}
+    method = default_method(fs)
+    if thresholds and method not in report["methods"]:
+        raise ProjidxError(f"thresholds apply to the default method {method}: include it with --method {method}")
+    missed = failures(report, method, thresholds) if thresholds else []
+    if missed:
+        raise ProjidxError("validate: below threshold: " + "; ".join(missed))
 
 
 @main.group()

@@ -22,12 +22,9 @@ from projidx.train import TrainConfig, train
 from projidx.viz import attribution_grid
 
 DEMO_TRAIN = TrainConfig(epochs=30, checkpoints=4, seed=0, loss="mse", lr=1e-3, batch_size=64)
-# Grid mode (8 timesteps per training image) rather than the paper's replay: one replayed gradient at a random
-# timestep is a noisy picture of a sample; on this model ReTrac's top-1 was the same digit for 38% of 64 held-out
-# digits with replay and 62% with the grid (sjlt k=2048, exact scan; docs/results.md). Replay stays featurize's
-# default; sjlt is featurize's default projector.
-DEMO_FEATURIZE = FeaturizeConfig(projector="sjlt", proj_dim=2048, seed=0, dtype="float16", train_timesteps="grid",
-                                 timesteps=8)
+DEMO_FEATURIZE = FeaturizeConfig()  # featurize's defaults: sjlt k=2048, a grid of 10 timesteps, shared noise
+DEMO_METHODS = ("matched", "retrac", "tracin")  # the default look-up method, then the paper's two
+TITLES = {"matched": "Timestep-matched cosine", "retrac": "Diffusion-ReTrac", "tracin": "Diffusion-TracIn"}
 DEMO_QUERIES = 8
 DEMO_TOP_K = 8
 
@@ -77,7 +74,7 @@ def run_demo(out: Path, cache: str | Path | None = None) -> dict:
     timings["query_featurize_s"] = time.perf_counter() - start
 
     results = {}
-    for method in ("tracin", "retrac"):
+    for method in DEMO_METHODS:
         start = time.perf_counter()
         build_index(store, method, "Flat")
         timings[f"index_{method}_s"] = time.perf_counter() - start
@@ -93,8 +90,7 @@ def run_demo(out: Path, cache: str | Path | None = None) -> dict:
             "top_labels": _digit_labels(res.ids).tolist(),
         }
         attribution_grid(out / f"{method}.png", queries.images.numpy(), training_images(store, res.ids),
-                         res.scores, title=f"Diffusion-{'TracIn' if method == 'tracin' else 'ReTrac'}: "
-                         "held-out digit (left), top training images by influence")
+                         res.scores, title=f"{TITLES[method]}: held-out digit (left), top training images by influence")
     summary = {
         "train_samples": len(data),
         "checkpoints": len(ckpts.checkpoints),

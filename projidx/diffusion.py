@@ -1,10 +1,15 @@
 """DDPM noise schedules, the noise-prediction loss, and reproducible noise.
 
 Images x0 are float tensors in [-1, 1], shaped (B, C, H, W). Timesteps are integers in [0, T).
-Every noise draw used for attribution comes from :func:`noise_for`, a pure function of
-(stream, seed, sample id, checkpoint, timestep, draw index): the same sample gets the same noise whatever
-the batch, order, worker or machine. The training side and the query side draw from separate streams, so
-a training image used as its own query never reuses a training-side noise.
+Every noise draw used for attribution comes from :func:`noise_for` under one of two policies
+(``NOISE_POLICIES``), a pure function of its named parts whatever the batch, order, worker or machine:
+
+- ``shared`` (common random numbers, as D-TRAK does with a per-timestep seed): (seed, checkpoint, timestep,
+  draw) only. Every sample, and both sides, see the same noise at the same (checkpoint, timestep, draw), so a
+  query's draw r meets the training side's draw r: differences between scores come from the images, not from
+  the noise.
+- ``per-sample`` (closest to the authors' code): (side, seed, sample id, checkpoint, timestep, draw); the two
+  sides draw from separate streams, so a training image used as its own query never reuses a training noise.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from torch import nn
 from projidx.seeding import generator
 
 LOSSES = ("mse", "l1")
-TRAIN_NOISE, QUERY_NOISE = "noise", "query-noise"  # the two noise streams (training side, query side)
+TRAIN_NOISE, QUERY_NOISE = "noise", "query-noise"  # the per-sample policy's two streams (training, query side)
+SHARED_NOISE = "shared-noise"  # the shared policy's one stream, for both sides
+NOISE_POLICIES = ("shared", "per-sample")
 OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "cosine-clipped")
 
 
 class EpsModel(Protocol):
@@ -34,7 +41,9 @@ class EpsModel(Protocol):
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """A discrete DDPM schedule: ``kind`` in {linear, cosine}, ``T`` steps."""
+    """A discrete DDPM schedule, ``T`` steps. ``kind``: ``linear`` (Ho et al.), ``cosine`` (Nichol & Dhariwal,
+    betas clipped at 0.999) or ``cosine-clipped`` (the same curve with betas clipped to [1e-4, 0.02], as the
+    ReTrac authors' scheduler does: alpha-bar at t = T-1 is 3.2e-3 instead of 2.4e-9 for T = 1000)."""
 
     kind: str = "linear"
     T: int = 1000
@@ -46,14 +55,15 @@ class NoiseSchedule:
             raise ValueError(f"T must be >= 2, got {self.T}")
 
     def betas(self) -> torch.Tensor:
-        """(T,) float64 betas: linear 1e-4..0.02 (Ho et al.), or cosine (Nichol & Dhariwal)."""
+        """(T,) float64 betas (see the class docstring)."""
         if self.kind == "linear":
             scale = 1000.0 / self.T
             return torch.linspace(scale * 1e-4, scale * 0.02, self.T, dtype=torch.float64)
         s = 0.008
         steps = torch.arange(self.T + 1, dtype=torch.float64) / self.T
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        betas = 1 - f[1:] / f[:-1]
+        return betas.clamp(1e-4, 0.02) if self.kind == "cosine-clipped" else betas.clamp(max=0.999)
 
     def alphas_cumprod(self) -> torch.Tensor:
         """(T,) float64 abar_t = prod_{s<=t} (1 - beta_s)."""
@@ -68,12 +78,13 @@ class NoiseSchedule:
 
 
 def timestep_grid(n: int, T: int) -> list[int]:
-    """``n`` evenly spaced integer timesteps from 1 to T-1 (the paper's query grid for n=100, T=1000)."""
+    """``n`` evenly spaced integer timesteps from 1 to T-1, truncated as the authors' code does
+    (``np.linspace(1, 999, 100, dtype=int)`` is the paper's query grid); duplicates dropped; ``[T // 2]`` for n=1."""
     if n < 1:
         raise ValueError(f"the number of timesteps must be >= 1, got {n}")
     if n == 1:
         return [T // 2]
-    return sorted({int(round(v)) for v in np.linspace(1, T - 1, n)})
+    return sorted({int(v) for v in np.linspace(1, T - 1, n)})
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -124,17 +135,48 @@ def noise_for(
     draw: int,
     shape: Sequence[int],
     stream: str = TRAIN_NOISE,
+    policy: str = "per-sample",
 ) -> torch.Tensor:
-    """(B, *shape) float32 standard-normal noise; row b depends on (stream, seed, ids[b], checkpoint, t[b], draw)
-    only.
+    """(B, *shape) float32 standard-normal noise. Row b depends on (stream, seed, ids[b], checkpoint, t[b], draw)
+    under the ``per-sample`` policy, on (seed, checkpoint, t[b], draw) only under ``shared`` (``stream`` and the
+    ids are then ignored: both sides get the same noise).
 
     Generated on the CPU (bit-identical on every machine), the caller moves it to its device.
     """
+    if policy not in NOISE_POLICIES:
+        raise ValueError(f"unknown noise policy {policy!r}; expected one of {NOISE_POLICIES}")
     out = torch.empty((len(sample_ids), *shape), dtype=torch.float32)
+    if policy == "shared":
+        for t in set(int(t) for t in timesteps):
+            rows = [b for b, tb in enumerate(timesteps) if int(tb) == t]
+            out[rows] = torch.randn(tuple(shape), generator=generator(SHARED_NOISE, seed, checkpoint, t, draw))
+        return out
     for b, (sid, t) in enumerate(zip(sample_ids, timesteps, strict=True)):
         gen = generator(stream, seed, int(sid), checkpoint, int(t), draw)
         out[b] = torch.randn(tuple(shape), generator=gen)
     return out
+
+
+@dataclass(frozen=True)
+class NoiseDraws:
+    """The noise one side averages per gradient: draws 0..count-1 of :func:`noise_for` under ``policy``.
+
+    ``stream`` names the side (TRAIN_NOISE or QUERY_NOISE); the shared policy ignores it, so a query's draw r
+    is the training side's draw r at the same (checkpoint, timestep).
+    """
+
+    policy: str
+    seed: int
+    stream: str
+    count: int
+
+    def sample(
+        self, ids: Sequence[int], checkpoint: int, timesteps: Sequence[int], shape: Sequence[int]
+    ) -> torch.Tensor:
+        """(B, count, *shape) float32 noise for samples ``ids`` at their ``timesteps``."""
+        draws = [noise_for(self.seed, ids, checkpoint, timesteps, d, shape, self.stream, self.policy)
+                 for d in range(self.count)]
+        return torch.stack(draws, dim=1)
 
 
 class DiffusersEps(nn.Module):

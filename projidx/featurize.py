@@ -7,8 +7,10 @@ Training side, per checkpoint c and sample x (METHOD.md):
 With ``train_draws`` D > 1 each of those gradients is averaged over D noise draws (the paper: D = 1).
 Query side, per checkpoint c, query x' and timestep t of the query grid S: gbar_c(x', t), the gradient
 of the loss averaged over R noise draws.
-Every noise comes from (side, noise seed, sample id, checkpoint index, timestep, draw): the two sides never
-share a noise, and results do not depend on batch size, chunking, order or machine.
+Every noise comes from :func:`projidx.diffusion.noise_for` under the store's noise policy: ``shared`` (the
+default: (noise seed, checkpoint index, timestep, draw), the same for every sample and for both sides, so a
+query's draw r meets the training side's draw r) or ``per-sample`` (also the sample id and the side: the two
+sides never share a noise). Results do not depend on batch size, chunking, order or machine.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from tqdm import tqdm
 
 from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet
-from projidx.diffusion import OBJECTIVES, QUERY_NOISE, TRAIN_NOISE, noise_for, timestep_grid
+from projidx.diffusion import (
+    NOISE_POLICIES,
+    OBJECTIVES,
+    QUERY_NOISE,
+    TRAIN_NOISE,
+    NoiseDraws,
+    NoiseSchedule,
+    timestep_grid,
+)
 from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
 from projidx.grads import GradientComputer, model_fingerprint, parameter_shapes
@@ -34,23 +44,44 @@ PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector (t
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
 
 
+TRAIN_TIMESTEP_MODES = (*MODES, "auto")
+
+
 @dataclass(frozen=True)
 class FeaturizeConfig:
-    """Training-side featurization settings. ``batch_size`` counts gradient evaluations per call (samples x
-    timesteps x ``train_draws``); it never changes results."""
+    """Training-side featurization settings, validated on construction (errors name the argument). The CLI
+    takes its defaults and choices from here. ``batch_size`` counts gradient evaluations per call (samples x
+    timesteps x ``train_draws``); it never changes results.
+
+    Defaults are the ones ``projidx validate`` passes best (docs/results.md): a grid of 10 timesteps per training
+    image and shared noise, which the timestep-matched method (``matched``) needs; ``train_timesteps="replay"``
+    with ``noise="per-sample"`` is the paper's setting.
+    """
 
     projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
     proj_dim: int = 2048
-    seed: int = 0
+    projection_seed: int = 0  # seeds the JL projection only
+    noise_seed: int = 0  # seeds every noise draw only
+    noise: str = "shared"  # diffusion.NOISE_POLICIES
     dtype: str = "float16"
     sparsity: int = 1
-    train_timesteps: str = "replay"  # replay | grid | auto (replay where the checkpoints record it, else grid)
+    train_timesteps: str = "grid"  # replay | grid | auto (replay where the checkpoints record it, else grid)
     timesteps: int = 10
     batch_size: int = 32
     chunk_rows: int = 256
     device: str = "cpu"
     objective: str = "loss"
     train_draws: int = 1  # noise draws averaged per training-side gradient (the paper: 1)
+
+    def __post_init__(self) -> None:
+        choices = {"projector": PROJECTOR_CHOICES, "noise": NOISE_POLICIES, "train_timesteps": TRAIN_TIMESTEP_MODES,
+                   "objective": OBJECTIVES, "dtype": ("float16", "float32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ProjidxError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("proj_dim", "timesteps", "batch_size", "chunk_rows", "train_draws", "sparsity"):
+            if getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def resolve_projector(kind: str, model: torch.nn.Module, objective: str = "loss") -> str:
@@ -74,7 +105,7 @@ def projector_spec(ckpts: CheckpointSet, config: FeaturizeConfig) -> ProjectorSp
     kind = resolve_projector(config.projector, ckpts.model, config.objective)
     k = sum(int(np.prod(s)) for s in shapes.values()) if kind == "identity" else config.proj_dim
     try:
-        return ProjectorSpec(kind, k, shapes, seed=config.seed, dtype=config.dtype, sparsity=config.sparsity)
+        return ProjectorSpec(kind, k, shapes, seed=config.projection_seed, dtype=config.dtype, sparsity=config.sparsity)
     except ValueError as e:
         raise ProjidxError(str(e)) from e
 
@@ -110,15 +141,16 @@ def _unit(
 
 
 def gradient_computer(
-    ckpts: CheckpointSet, spec: ProjectorSpec, device: str, objective: str = "loss"
+    model: torch.nn.Module, schedule: NoiseSchedule, loss: str, spec: ProjectorSpec, device: str,
+    objective: str = "loss",
 ) -> GradientComputer | FactorizedGradients:
     """The per-sample gradient source for ``spec``: layer factors (factorized) or torch.func gradients."""
     if spec.kind != "factorized":
-        return GradientComputer(ckpts.model, ckpts.schedule, ckpts.loss, device, objective)
+        return GradientComputer(model, schedule, loss, device, objective)
     if objective != "loss":
         raise ProjidxError(f"the factorized projector supports the loss objective only, not {objective!r}")
     try:
-        return FactorizedGradients(ckpts.model, ckpts.schedule, ckpts.loss, device)
+        return FactorizedGradients(model, schedule, loss, device)
     except ValueError as e:
         raise ProjidxError(str(e)) from e
 
@@ -155,10 +187,11 @@ def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, confi
         schedule=ckpts.schedule,
         train_timesteps=config.train_timesteps,
         timesteps=grid,
-        noise_seed=config.seed,
+        noise_seed=config.noise_seed,
         chunk_rows=config.chunk_rows,
         objective=config.objective,
         train_draws=config.train_draws,
+        noise=config.noise,
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
     )
 
@@ -189,14 +222,8 @@ def featurize(
     Chunks already done (and readable) are skipped; corrupted ones are recomputed. ``on_chunk(cid, i)``
     is called after each chunk is written.
     """
-    if config.train_timesteps not in (*MODES, "auto"):
-        raise ProjidxError(f"--train-timesteps must be one of {MODES} or auto, got {config.train_timesteps!r}")
-    if config.objective not in OBJECTIVES:
-        raise ProjidxError(f"--objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if data.image_shape != tuple(ckpts.image_shape):
         raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
-    if config.batch_size < 1 or config.chunk_rows < 1 or config.train_draws < 1:
-        raise ProjidxError("batch size, chunk rows and training-side noise draws must be >= 1")
     blobs = [c.load() for c in ckpts.checkpoints]  # validates every checkpoint before anything is written
     if config.train_timesteps == "auto":
         config = replace(config, train_timesteps="replay" if "replay_ids" in blobs[0] else "grid")
@@ -204,13 +231,14 @@ def featurize(
     meta = _store_meta(ckpts, data, spec, config)
     replays = [replay_timesteps(b, data.ids, c.id) for b, c in zip(blobs, ckpts.checkpoints, strict=True)] \
         if config.train_timesteps == "replay" else None
-    computer = gradient_computer(ckpts, spec, config.device, config.objective)
+    computer = gradient_computer(ckpts.model, ckpts.schedule, ckpts.loss, spec, config.device, config.objective)
     try:
         computer.load_state_dict(blobs[0]["state_dict"])
     except RuntimeError as e:
         raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {one_line(e)}") from e
     store = open_or_create(Path(store_path), meta, data.ids.numpy())
     projector = make_projector(spec, config.device)
+    noise = NoiseDraws(config.noise, config.noise_seed, TRAIN_NOISE, config.train_draws)
     todo = [(c, i) for c, cid in enumerate(meta.checkpoint_ids) for i in _pending(store, cid)]
     bar = tqdm(total=len(todo), desc="featurize", unit="chunk", disable=not progress)
     for c, ckpt in enumerate(ckpts.checkpoints):
@@ -222,8 +250,8 @@ def featurize(
             rows = store.rows(i)
             times = replays[c][rows][:, None] if replays is not None else torch.tensor(meta.timesteps).expand(
                 rows.stop - rows.start, -1)
-            chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config,
-                                    TRAIN_NOISE, config.train_draws)
+            chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config.batch_size,
+                                    noise)
             store.write_chunk(ckpt.id, i, chunk)
             bar.update(1)
             if on_chunk is not None:
@@ -253,27 +281,25 @@ def _featurize_rows(
     times: torch.Tensor,
     c: int,
     cid: str,
-    config: FeaturizeConfig,
-    stream: str,
-    draws: int,
+    batch_size: int,
+    noise: NoiseDraws,
 ) -> Chunk:
     """Features of ``rows`` at checkpoint index ``c``: times (n, G) timesteps per sample; at each, the gradient
-    of the loss averaged over noise draws 0..draws-1 of the noise ``stream`` (training or query side).
+    of the loss averaged over the ``noise`` draws (training or query side).
 
     Gradients are computed ``batch_size`` evaluations at a time (samples x timesteps x draws) and projected in
     calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).
     Returns features (n, G, k), norms (n, G) and the norm of each sample's mean gradient over G (n,).
     """
     n, g = times.shape
-    per_batch = max(1, config.batch_size // (g * draws))
+    per_batch = max(1, batch_size // (g * noise.count))
     per_call = projection_rows(projector, per_batch, g)
     feats, norms, mean_norms = [], [], []
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
         ids = rows.ids[start:stop].repeat_interleave(g)
         t = times[start:stop].reshape(-1)
-        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c,
-                                                  config.seed, stream, draws)
+        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c, noise)
         f, nrm = _unit(projected, sq, ids, t, cid)
         feats.append(f.reshape(stop - start, g, -1))
         norms.append(nrm.reshape(stop - start, g))
@@ -305,9 +331,7 @@ def _project_samples(
     stop: int,
     per_batch: int,
     c: int,
-    seed: int,
-    stream: str,
-    draws: int,
+    noise: NoiseDraws,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """P g, ||g||^2 (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)."""
     g = times.shape[1]
@@ -315,8 +339,7 @@ def _project_samples(
     def inputs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x0, ids = rows.images[a:b], rows.ids[a:b]
         t = times[a:b].reshape(-1)
-        rep = ids.repeat_interleave(g).tolist()
-        eps = torch.stack([noise_for(seed, rep, c, t.tolist(), d, x0.shape[1:], stream) for d in range(draws)], dim=1)
+        eps = noise.sample(ids.repeat_interleave(g).tolist(), c, t.tolist(), x0.shape[1:])
         return x0.repeat_interleave(g, dim=0), t, eps
 
     if stop - start <= per_batch:
@@ -343,35 +366,55 @@ class QueryFeatures:
     store_uuid: str | None = None  # the store whose projector made them (None: not checked)
 
 
+def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: int | None) -> tuple[list[int], int]:
+    """The query grid S and the draws R for a store when the caller leaves them out (None).
+
+    S: the store's own training grid in grid mode (so that every method, ``matched`` included, can be scored),
+    else 10 evenly spaced timesteps. R: under shared noise the store's ``train_draws`` (the query's draws are
+    then exactly the training side's), else 4.
+    """
+    if query_timesteps is None:
+        grid = list(meta.timesteps) if meta.train_timesteps == "grid" else timestep_grid(10, meta.schedule.T)
+    elif query_timesteps < 1:
+        raise ProjidxError(f"query_timesteps must be >= 1, got {query_timesteps}")
+    else:
+        grid = timestep_grid(query_timesteps, meta.schedule.T)
+    draws = noise_draws if noise_draws is not None else (meta.train_draws if meta.noise == "shared" else 4)
+    if draws < 1:
+        raise ProjidxError(f"noise_draws must be >= 1, got {draws}")
+    return grid, draws
+
+
 def featurize_queries(
     store: FeatureStore,
     ckpts: CheckpointSet,
     queries: ImageSet,
-    query_timesteps: int = 10,
-    noise_draws: int = 4,
+    query_timesteps: int | None = None,
+    noise_draws: int | None = None,
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = True,
 ) -> QueryFeatures:
-    """Featurize query images with the projector, checkpoints, loss and seed recorded in ``store``."""
+    """Featurize query images with the projector, loss, schedule, objective, noise policy and seeds recorded in
+    ``store``, at the checkpoints ``ckpts`` (refused unless they are the store's). ``query_timesteps`` (|S|) and
+    ``noise_draws`` (R) default as :func:`query_defaults` says."""
     meta = store.meta
     if queries.image_shape != tuple(meta.image_shape):
         raise ProjidxError(
             f"query images are {queries.image_shape}, the store was built from images of {tuple(meta.image_shape)}"
         )
-    if noise_draws < 1:
-        raise ProjidxError(f"--noise-draws must be >= 1, got {noise_draws}")
     if model_fingerprint(ckpts.model) != meta.model_fingerprint or ckpts.describe() != meta.checkpoints:
         raise ProjidxError(f"the checkpoints given are not the ones store {store.path} was built from")
-    grid = timestep_grid(query_timesteps, meta.schedule.T)
-    computer = gradient_computer(ckpts, meta.projector, device, meta.objective)
+    grid, draws = query_defaults(meta, query_timesteps, noise_draws)
+    # loss and schedule come from the store, never from the CheckpointSet handed in
+    computer = gradient_computer(ckpts.model, meta.schedule, meta.loss, meta.projector, device, meta.objective)
     projector = make_projector(meta.projector, device)
-    # batch_size counts gradient evaluations: each (query, timestep) gradient averages noise_draws of them
-    config = FeaturizeConfig(seed=meta.noise_seed, batch_size=batch_size, device=device)
+    noise = NoiseDraws(meta.noise, meta.noise_seed, QUERY_NOISE, draws)
     times = torch.tensor(grid).expand(len(queries), -1)
-    per_block = max(1, batch_size // (len(grid) * noise_draws))
+    # batch_size counts gradient evaluations: each (query, timestep) gradient averages `draws` of them
+    per_block = max(1, batch_size // (len(grid) * draws))
     out = QueryFeatures(queries.ids.numpy(), grid, [], [], [], store.uuid)
-    bar = tqdm(total=len(ckpts.checkpoints) * len(queries), desc="query features", unit="query",
+    bar = tqdm(total=len(ckpts.checkpoints) * len(queries), desc="query features", unit="gradient set",
                disable=not progress)
     for c, ckpt in enumerate(ckpts.checkpoints):
         computer.load_state_dict(ckpt.load()["state_dict"])
@@ -379,7 +422,7 @@ def featurize_queries(
         for block in range(0, len(queries), per_block):
             rows = slice(block, min(block + per_block, len(queries)))
             parts.append(_featurize_rows(computer, projector, queries.subset(rows), times[rows], c, ckpt.id,
-                                         config, QUERY_NOISE, noise_draws))
+                                         batch_size, noise))
             bar.update(rows.stop - rows.start)
         out.features.append(np.concatenate([p.features for p in parts]))
         out.norms.append(np.concatenate([p.norms for p in parts]))

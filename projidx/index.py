@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from projidx.errors import ProjidxError, one_line
-from projidx.scoring import METHODS, train_vectors
+from projidx.scoring import check_method, train_vectors
 from projidx.store import FeatureStore
 
 
@@ -67,8 +67,7 @@ def _all_vectors(store: FeatureStore, method: str) -> np.ndarray:
 
 def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path:
     """Build and save the ``method`` index of a complete store; returns the index file's path."""
-    if method not in METHODS:
-        raise ProjidxError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    check_method(store, method)
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     faiss = faiss_module()

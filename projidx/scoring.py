@@ -7,36 +7,90 @@ f_g = P g_g / ||g_g|| with exact norms ||g_g|| (G = 1 for a replayed training gr
     tracin:  sqrt(w_c) * mean_g ||g_g|| f_g          = sqrt(w_c) P mean_g g_g
     retrac:  sqrt(w_c) * mean_g f_g                  = sqrt(w_c) P mean_g n(g_g)
     cosine:  sqrt(w_c) * mean_g ||g_g|| f_g / ||mean_g g_g||
+    matched: sqrt(w_c) * n( sum_g Q_{t_g} f_g )      (beyond the paper; grid stores only)
 
 and the score is the inner product of the concatenations over checkpoints:
-TracIn = sum_c w_c <P mean g_train, P mean gbar_query>, and so on. With the identity projector these
-are the paper's formulas exactly. Nothing here depends on FAISS; :func:`exact_topk` streams the store
+TracIn = sum_c w_c <P mean g_train, P mean gbar_query>, and so on. With the identity projector the first
+three are the paper's formulas exactly. Nothing here depends on FAISS; :func:`exact_topk` streams the store
 one row-chunk at a time (memory bounded by a chunk, not by N) and is the reference for every index.
+
+``matched`` (timestep-matched cosine) corrects the direction bias ReTrac leaves: ReTrac averages unit
+gradients over t *before* the inner product, so every cross-timestep pair <n(g_t), n(gbar_t')> counts, and the
+large-t directions that all samples share dominate (docs/results.md). ``matched`` compares each timestep only
+with the same timestep: score = sum_c w_c mean_{t in grid} cos(g_c(x, t), gbar_c(x', t)). The training grid and
+the query grid must be the same. Its dimension would grow with the grid (K x k per checkpoint); it is kept at
+k by giving each timestep t its own seeded signed permutation Q_t of the k coordinates before summing over t:
+<Q_t a, Q_t b> = <a, b> exactly, and each cross term <Q_t a, Q_t' b> (t != t') has mean zero and standard
+deviation about 1/sqrt(k) for unit a, b, so <sum_t Q_t f_t, sum_t Q_t f'_t> / K estimates mean_t cos_t without
+bias. The sum is then normalized (its expected squared norm is K), which makes every vector of equal norm
+sqrt(w_c) per checkpoint: graph and quantized indices behave, and a query scores at most sum_c w_c.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from projidx.errors import ProjidxError
 from projidx.featurize import QueryFeatures
+from projidx.seeding import generator
 from projidx.store import FeatureStore
 
-METHODS = ("tracin", "retrac", "cosine")
+METHODS = ("tracin", "retrac", "cosine", "matched")
+PAPER_METHODS = METHODS[:3]  # the paper's Diffusion-TracIn and Diffusion-ReTrac, and plain cosine
+
+
+def default_method(store: FeatureStore) -> str:
+    """The method a look-up uses unless told otherwise: ``matched`` on grid stores, which passes ``projidx
+    validate`` best (docs/results.md); ``cosine`` on replay stores, where ``matched`` cannot be scored."""
+    return "matched" if store.meta.train_timesteps == "grid" else "cosine"
+
+
+@functools.lru_cache(maxsize=256)
+def timestep_permutation(seed: int, timestep: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The signed permutation Q_t of ``matched``: (k,) int64 target coordinates and (k,) float32 signs, drawn
+    from (projection seed, timestep) so both sides of a store get the same Q_t."""
+    gen = generator("matched", seed, timestep)
+    perm = torch.randperm(k, generator=gen).numpy()
+    signs = (torch.randint(0, 2, (k,), generator=gen) * 2 - 1).float().numpy()
+    return perm, signs
+
+
+def matched_vectors(features: np.ndarray, timesteps: Sequence[int], seed: int) -> np.ndarray:
+    """(n, k) float32 n( sum_g Q_{t_g} f_g ) from features (n, G, k) taken at ``timesteps`` (G,); zero rows stay
+    zero."""
+    n, g, k = features.shape
+    if len(timesteps) != g:
+        raise ProjidxError(f"matched: {g} gradients per sample but {len(timesteps)} timesteps")
+    out = np.zeros((n, k), np.float32)
+    for j, t in enumerate(timesteps):
+        perm, signs = timestep_permutation(seed, int(t), k)
+        out[:, perm] += features[:, j] * signs
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norm > 0, norm, 1.0)
 
 
 def side_vectors(
-    method: str, features: np.ndarray, norms: np.ndarray, mean_norms: np.ndarray, weight: float
+    method: str,
+    features: np.ndarray,
+    norms: np.ndarray,
+    mean_norms: np.ndarray,
+    weight: float,
+    timesteps: Sequence[int] = (),
+    seed: int = 0,
 ) -> np.ndarray:
     """(n, k) float32 vectors of one side at one checkpoint.
 
     features: (n, G, k) unit projected gradients; norms: (n, G) exact norms; mean_norms: (n,) exact norm
-    of the mean gradient; weight: w_c.
+    of the mean gradient; weight: w_c. ``matched`` also needs the G ``timesteps`` and the projection ``seed``.
     """
-    if method == "retrac":
+    if method == "matched":
+        v = matched_vectors(features, timesteps, seed)
+    elif method == "retrac":
         v = features.mean(axis=1)
     elif method in ("tracin", "cosine"):
         v = (features * norms[..., None]).mean(axis=1)
@@ -50,19 +104,36 @@ def side_vectors(
 
 def train_vectors(store: FeatureStore, method: str, chunk: int) -> np.ndarray:
     """(rows, C*k) training vectors of one row-chunk: the concatenation over checkpoints."""
+    check_method(store, method)
     parts = []
     for cid, w in zip(store.meta.checkpoint_ids, store.weights(), strict=True):
         d = store.read_chunk(cid, chunk)
-        parts.append(side_vectors(method, d.features, d.norms, d.mean_norms, w))
+        parts.append(side_vectors(method, d.features, d.norms, d.mean_norms, w, store.meta.timesteps,
+                                  store.meta.projector.seed))
     return np.concatenate(parts, axis=1)
+
+
+def check_method(store: FeatureStore, method: str, query_timesteps: Sequence[int] | None = None) -> None:
+    """ProjidxError unless ``method`` can be scored on ``store`` (and with queries taken at ``query_timesteps``)."""
+    if method not in METHODS:
+        raise ProjidxError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method != "matched":
+        return
+    if store.meta.train_timesteps != "grid":
+        raise ProjidxError(f"method 'matched' needs a grid-mode store; {store.path} was featurized in"
+                           f" {store.meta.train_timesteps} mode (re-featurize with --train-timesteps grid)")
+    if query_timesteps is not None and list(query_timesteps) != list(store.meta.timesteps):
+        raise ProjidxError(f"method 'matched' needs the queries at the store's grid {store.meta.timesteps},"
+                           f" got {list(query_timesteps)} (leave --query-timesteps out)")
 
 
 def query_vectors(store: FeatureStore, queries: QueryFeatures, method: str) -> np.ndarray:
     """(M, C*k) query vectors, so that score = query_vectors @ train_vectors.T."""
     if queries.store_uuid is not None and queries.store_uuid != store.uuid:
         raise ProjidxError(f"these query features were made for another store than {store.path}")
+    check_method(store, method, queries.timesteps)
     parts = [
-        side_vectors(method, f, n, m, w)
+        side_vectors(method, f, n, m, w, queries.timesteps, store.meta.projector.seed)
         for f, n, m, w in zip(queries.features, queries.norms, queries.mean_norms, store.weights(), strict=True)
     ]
     return np.concatenate(parts, axis=1)
@@ -91,3 +162,24 @@ def exact_topk(store: FeatureStore, qv: np.ndarray, method: str, k: int) -> tupl
         top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
         best_s, best_i = top.values, torch.gather(cand_i, 1, top.indices)
     return best_s.numpy(), best_i.numpy()
+
+
+def source_ranks(store: FeatureStore, qv: np.ndarray, method: str, source_rows: np.ndarray) -> np.ndarray:
+    """(M,) rank of each query's source row among all N stored rows under ``method``: how many other rows score
+    strictly higher (0 = ranked first; ties do not count against the source). Streams the store twice, one
+    row-chunk at a time. ``qv``: (M, d) query vectors; ``source_rows``: (M,) store row of each query's source."""
+    q = torch.from_numpy(qv)
+    own = torch.empty(len(q))
+    chunk_of = source_rows // store.meta.chunk_rows
+    for i in np.unique(chunk_of):
+        sel = np.flatnonzero(chunk_of == i)
+        tv = torch.from_numpy(train_vectors(store, method, int(i)))
+        own[sel] = (q[sel] * tv[source_rows[sel] - store.rows(int(i)).start]).sum(dim=1)
+    ranks = torch.zeros(len(q), dtype=torch.int64)
+    for i in range(store.n_chunks):
+        rows = store.rows(i)
+        higher = q @ torch.from_numpy(train_vectors(store, method, i)).T > own[:, None]
+        mine = np.flatnonzero(chunk_of == i)
+        higher[mine, source_rows[mine] - rows.start] = False  # a row is never ranked above itself
+        ranks += higher.sum(dim=1)
+    return ranks.numpy()

@@ -55,6 +55,7 @@ class StoreMeta:
     chunk_rows: int
     objective: str = "loss"  # "loss" (the paper) or "dtrak" (D-TRAK's mean squared model output)
     train_draws: int = 1  # noise draws averaged per training-side gradient
+    noise: str = "per-sample"  # diffusion.NOISE_POLICIES; stores written before the policy existed are per-sample
     checkpoint_dir: str | None = field(default=None, compare=False)
 
     @property
@@ -83,6 +84,7 @@ class StoreMeta:
             "chunk_rows": self.chunk_rows,
             "objective": self.objective,
             "train_draws": self.train_draws,
+            "noise": self.noise,
             "checkpoint_dir": self.checkpoint_dir,
         }
 
@@ -104,11 +106,13 @@ class StoreMeta:
             chunk_rows=int(d["chunk_rows"]),
             objective=d.get("objective", "loss"),
             train_draws=int(d.get("train_draws", 1)),
+            noise=d.get("noise", "per-sample"),
             checkpoint_dir=d.get("checkpoint_dir"),
         )
 
     def difference(self, other: StoreMeta) -> str | None:
-        """The fields (in a user's words, comma-separated) in which ``other`` differs from this, or None."""
+        """The fields (in a user's words, comma-separated) in which ``other`` differs from this, or None; short
+        values are named too: ``noise policy (store: per-sample, given: shared)``."""
         names = {
             "projector": "projector spec",
             "model_fingerprint": "model",
@@ -124,8 +128,14 @@ class StoreMeta:
             "chunk_rows": "chunk size",
             "objective": "objective",
             "train_draws": "training-side noise draws",
+            "noise": "noise policy",
         }
-        differ = [label for attr, label in names.items() if getattr(self, attr) != getattr(other, attr)]
+        differ = []
+        for attr, label in names.items():
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if mine != theirs:
+                values = f" (store: {mine}, given: {theirs})"
+                differ.append(label + (values if len(values) <= 80 else ""))
         return ", ".join(differ) or None
 
 

@@ -147,7 +147,9 @@ def test_featurize_refuses_to_mix_stores(tmp_path, pipeline, rgb_npz):
         "projector spec ": ["--projector", "dense"],
         "timesteps": ["--timesteps", 4],
         "training-side timestep mode": ["--train-timesteps", "replay"],
-        "noise seed": ["--seed", 1],
+        "noise seed": ["--noise-seed", 1],
+        "noise policy (store: shared, given: per-sample)": ["--noise", "per-sample"],
+        "projector spec  ": ["--projection-seed", 4],
         "training-side noise draws": ["--train-draws", 2],
     }
     for needle, extra in variants.items():

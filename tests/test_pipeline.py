@@ -10,10 +10,10 @@ import torch
 
 from projidx.checkpoints import load_checkpoint_dir
 from projidx.data import from_arrays
-from projidx.diffusion import QUERY_NOISE, diffusion_loss, noise_for, timestep_grid
+from projidx.diffusion import QUERY_NOISE, TRAIN_NOISE, diffusion_loss, noise_for, timestep_grid
 from projidx.featurize import FeaturizeConfig, featurize, featurize_queries
 from projidx.index import build_index, load_index
-from projidx.scoring import exact_scores, exact_topk, query_vectors
+from projidx.scoring import METHODS, exact_scores, exact_topk, query_vectors
 from projidx.store import FeatureStore
 from projidx.train import TrainConfig, train
 from tests.conftest import TINY_TRAIN, TINY_UNET
@@ -33,14 +33,16 @@ def _flat_grad(model, x0, t, eps, abar, loss) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads]).double()
 
 
-def _reference(ckpts, data, queries, mode, draws):
+def _reference(ckpts, data, queries, mode, draws, policy):
     """TracIn / ReTrac / cosine (M, N) computed from scratch from METHOD.md's formulas, no projection; each
-    training-side gradient averaged over ``draws`` noise draws."""
+    training-side gradient averaged over ``draws`` noise draws drawn under the noise ``policy``. Grid mode adds
+    the exact timestep-matched score sum_c w_c mean_t cos(g_c(x, t), gbar_c(x', t)) (training grid = query grid)."""
     model = ckpts.model
     abar = ckpts.schedule.alphas_cumprod().float()
     shape = data.image_shape
     grid_s = timestep_grid(S, ckpts.schedule.T)
-    scores = {m: np.zeros((len(queries), len(data))) for m in ("tracin", "retrac", "cosine")}
+    methods = ("tracin", "retrac", "cosine", "matched") if mode == "grid" else ("tracin", "retrac", "cosine")
+    scores = {m: np.zeros((len(queries), len(data))) for m in methods}
     for c, ckpt in enumerate(ckpts.checkpoints):
         blob = ckpt.load()
         model.load_state_dict(blob["state_dict"])
@@ -49,13 +51,13 @@ def _reference(ckpts, data, queries, mode, draws):
         for x0, sid in zip(data.images, data.ids.tolist(), strict=True):
             ts = [replay[sid]] if mode == "replay" else timestep_grid(K, ckpts.schedule.T)
             train_g.append([
-                _flat_grad(model, x0, t, torch.cat([noise_for(SEED, [sid], c, [t], d, shape) for d in range(draws)]),
-                           abar, ckpts.loss)
+                _flat_grad(model, x0, t, torch.cat([noise_for(SEED, [sid], c, [t], d, shape, TRAIN_NOISE, policy)
+                                                    for d in range(draws)]), abar, ckpts.loss)
                 for t in ts])
         for i, (x0, qid) in enumerate(zip(queries.images, queries.ids.tolist(), strict=True)):
             gbar = []
             for t in grid_s:
-                eps = torch.cat([noise_for(SEED, [qid], c, [t], r, shape, QUERY_NOISE) for r in range(R)])
+                eps = torch.cat([noise_for(SEED, [qid], c, [t], r, shape, QUERY_NOISE, policy) for r in range(R)])
                 gbar.append(_flat_grad(model, x0, t, eps, abar, ckpts.loss))
             q_mean = torch.stack(gbar).mean(0)
             q_unit = torch.stack([g / g.norm() for g in gbar]).mean(0)
@@ -65,21 +67,35 @@ def _reference(ckpts, data, queries, mode, draws):
                 scores["tracin"][i, j] += ckpt.weight * float(g_mean @ q_mean)
                 scores["retrac"][i, j] += ckpt.weight * float(g_unit @ q_unit)
                 scores["cosine"][i, j] += ckpt.weight * float(g_mean @ q_mean / (g_mean.norm() * q_mean.norm()))
+                if mode == "grid":
+                    cos_t = [float(g @ q / (g.norm() * q.norm())) for g, q in zip(gs, gbar, strict=True)]
+                    scores["matched"][i, j] += ckpt.weight * float(np.mean(cos_t))
     return scores
 
 
-@pytest.mark.parametrize(("mode", "draws"), [("replay", 1), ("grid", 1), ("replay", 3)])
-def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tiny_data, tiny_queries, mode, draws):
+@pytest.mark.parametrize(("mode", "draws", "policy"), [("replay", 1, "per-sample"), ("grid", 1, "per-sample"),
+                                                      ("replay", 3, "per-sample"), ("replay", 1, "shared"),
+                                                      ("grid", 3, "shared")])
+def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tiny_data, tiny_queries, mode, draws,
+                                                       policy):
     data = tiny_data.subset(slice(0, 12))
     queries = tiny_queries.subset(slice(0, 3))
-    config = FeaturizeConfig(projector="identity", seed=SEED, dtype="float32", train_timesteps=mode,
-                             timesteps=K, batch_size=7, chunk_rows=5, train_draws=draws)
+    config = FeaturizeConfig(projector="identity", projection_seed=SEED + 1, noise_seed=SEED, noise=policy,
+                             dtype="float32", train_timesteps=mode, timesteps=K, batch_size=7, chunk_rows=5,
+                             train_draws=draws)
     store = featurize(tiny_ckpts, data, tmp_path / "s.zarr", config, progress=False)
     qf = featurize_queries(store, tiny_ckpts, queries, query_timesteps=S, noise_draws=R, batch_size=5,
                            progress=False)
-    ref = _reference(tiny_ckpts, data, queries, mode, draws)
+    ref = _reference(tiny_ckpts, data, queries, mode, draws, policy)
     for method, expected in ref.items():
         got = exact_scores(store, query_vectors(store, qf, method), method)
+        if method == "matched":
+            # an estimate: each timestep's signed permutation leaves cross-timestep terms of sd ~ 1/sqrt(k) each
+            k = store.meta.projector.proj_dim
+            weights = sum(store.weights())
+            np.testing.assert_allclose(got, expected, atol=6 * weights * np.sqrt(K * (K - 1) / k) / K)
+            assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.95
+            continue
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max(), err_msg=method)
 
 
@@ -96,7 +112,8 @@ def test_replayed_timesteps_are_the_ones_training_drew(tmp_path, monkeypatch):
     config = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 4, "checkpoints": 2, "batch_size": 10})
     ckpts = train(data, tmp_path / "ck", config, progress=False)
     monkeypatch.undo()
-    store = featurize(ckpts, data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=16, chunk_rows=8), progress=False)
+    store = featurize(ckpts, data, tmp_path / "s.zarr",
+                      FeaturizeConfig(proj_dim=16, chunk_rows=8, train_timesteps="replay"), progress=False)
     per_epoch = 3  # ceil(24 / 10) batches
     flat = data.images.reshape(len(data), -1)
     for cid, epoch in zip(store.meta.checkpoint_ids, (2, 4), strict=True):
@@ -111,7 +128,7 @@ def test_replayed_timesteps_are_the_ones_training_drew(tmp_path, monkeypatch):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, tiny_ckpts, tiny_data):
-    config = FeaturizeConfig(proj_dim=64, batch_size=4, chunk_rows=8, dtype="float16")
+    config = FeaturizeConfig(proj_dim=64, batch_size=4, chunk_rows=8, dtype="float16", timesteps=3)
     whole = featurize(tiny_ckpts, tiny_data, tmp_path / "whole.zarr", config, progress=False)
 
     class Interrupt(Exception):
@@ -142,9 +159,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, tiny_ck
 
 def test_same_gradient_features_whatever_the_batch_size(tmp_path, tiny_ckpts, tiny_data):
     a = featurize(tiny_ckpts, tiny_data, tmp_path / "a.zarr",
-                  FeaturizeConfig(proj_dim=64, batch_size=3, chunk_rows=7, dtype="float32"), progress=False)
+                  FeaturizeConfig(proj_dim=64, batch_size=3, chunk_rows=7, dtype="float32", timesteps=3), progress=False)
     b = featurize(tiny_ckpts, tiny_data, tmp_path / "b.zarr",
-                  FeaturizeConfig(proj_dim=64, batch_size=16, chunk_rows=16, dtype="float32"), progress=False)
+                  FeaturizeConfig(proj_dim=64, batch_size=16, chunk_rows=16, dtype="float32", timesteps=3),
+                  progress=False)
     cid = a.meta.checkpoint_ids[-1]
     for name in ("features", "norms"):
         np.testing.assert_allclose(a.group[f"{name}/{cid}"][:], b.group[f"{name}/{cid}"][:], rtol=1e-4, atol=1e-6)
@@ -153,11 +171,11 @@ def test_same_gradient_features_whatever_the_batch_size(tmp_path, tiny_ckpts, ti
 @pytest.mark.parametrize("with_faiss", [True, False])
 def test_flat_index_top_k_equals_exact_scoring(tmp_path, tiny_ckpts, tiny_data, tiny_queries, monkeypatch, with_faiss):
     store = featurize(tiny_ckpts, tiny_data, tmp_path / "s.zarr",
-                      FeaturizeConfig(proj_dim=128, chunk_rows=16, dtype="float32"), progress=False)
-    qf = featurize_queries(store, tiny_ckpts, tiny_queries, 4, 2, progress=False)
+                      FeaturizeConfig(proj_dim=128, chunk_rows=16, dtype="float32", timesteps=3), progress=False)
+    qf = featurize_queries(store, tiny_ckpts, tiny_queries, noise_draws=2, progress=False)
     if not with_faiss:
         monkeypatch.setattr(index_module, "faiss_module", lambda: None)
-    for method in ("tracin", "retrac", "cosine"):
+    for method in METHODS:
         path = build_index(store, method, "Flat")
         assert path.suffix == (".faiss" if with_faiss else ".npy")
         qv = query_vectors(store, qf, method)
@@ -173,7 +191,8 @@ def test_flat_index_top_k_equals_exact_scoring(tmp_path, tiny_ckpts, tiny_data, 
 
 def test_ivf_index_with_full_probe_is_exact(tmp_path, tiny_ckpts, tiny_data, tiny_queries):
     pytest.importorskip("faiss", reason="needs projidx[cpu] or projidx[gpu]")
-    store = featurize(tiny_ckpts, tiny_data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=64), progress=False)
+    store = featurize(tiny_ckpts, tiny_data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=64, timesteps=3),
+                      progress=False)
     qf = featurize_queries(store, tiny_ckpts, tiny_queries, 3, 1, progress=False)
     build_index(store, "retrac", "IVF4,Flat")
     qv = query_vectors(store, qf, "retrac")
@@ -213,6 +232,7 @@ def test_factorized_query_features_equal_projecting_materialized_gradients(tmp_p
     assert store.meta.projector.kind == "factorized"
     qf = featurize_queries(store, tiny_ckpts, tiny_queries, 3, 2, progress=False)
     grid = timestep_grid(3, tiny_ckpts.schedule.T)
+    assert store.meta.noise == "shared"
     computer = GradientComputer(tiny_ckpts.model, tiny_ckpts.schedule, tiny_ckpts.loss)
     projector = make_projector(store.meta.projector)
     c = len(tiny_ckpts.checkpoints) - 1
@@ -220,7 +240,7 @@ def test_factorized_query_features_equal_projecting_materialized_gradients(tmp_p
     ids = tiny_queries.ids.repeat_interleave(len(grid))
     t = torch.tensor(grid).repeat(len(tiny_queries))
     eps = torch.stack([noise_for(store.meta.noise_seed, ids.tolist(), c, t.tolist(), d, tiny_queries.image_shape,
-                                 QUERY_NOISE) for d in (0, 1)], dim=1)
+                                 QUERY_NOISE, "shared") for d in (0, 1)], dim=1)
     grads = computer.per_sample(tiny_queries.images.repeat_interleave(len(grid), dim=0), t, eps)
     projected, sq, mean_sq = projector.project_with_norms(grads, len(grid))
     norms = sq.sqrt().reshape(len(tiny_queries), len(grid))

@@ -113,8 +113,8 @@ def test_default_projector_is_sjlt_and_auto_picks_factorized_where_it_can(tmp_pa
     assert resolve_projector("auto", tiny_ckpts.model) == "factorized"
     assert resolve_projector("auto", tiny_ckpts.model, objective="dtrak") == "sjlt"
     assert resolve_projector("dense", tiny_ckpts.model) == "dense"
-    store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 8)), tmp_path / "d.zarr", FeaturizeConfig(proj_dim=64),
-                      progress=False)
+    store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 8)), tmp_path / "d.zarr",
+                      FeaturizeConfig(proj_dim=64, timesteps=2), progress=False)
     assert store.meta.projector.kind == "sjlt"
 
 
@@ -122,7 +122,7 @@ def test_default_projector_is_sjlt_and_auto_picks_factorized_where_it_can(tmp_pa
 def test_featurize_factorized_matches_projecting_full_gradients(tmp_path, tiny_ckpts, tiny_data, mode):
     """The store's factorized features and exact norms equal the reference path (vmap gradients -> projector)."""
     data = tiny_data.subset(slice(0, 10))
-    base = dict(proj_dim=64, seed=2, dtype="float32", train_timesteps=mode, timesteps=3, batch_size=6, chunk_rows=4)
+    base = dict(proj_dim=64, projection_seed=2, noise_seed=2, dtype="float32", train_timesteps=mode, timesteps=3, batch_size=6, chunk_rows=4)
     fact = featurize(tiny_ckpts, data, tmp_path / "f.zarr", FeaturizeConfig(projector="factorized", **base),
                      progress=False)
     exact = featurize(tiny_ckpts, data, tmp_path / "e.zarr", FeaturizeConfig(projector="identity", **base),
