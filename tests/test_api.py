@@ -50,8 +50,8 @@ def test_own_module_through_the_library(tmp_path, tiny_data, tiny_queries):
     assert file_sha256(ckpts[0].path) == ckpts[0].sha256
     cset = CheckpointSet(model=MLPEps(), checkpoints=ckpts, loss="l1", schedule=NoiseSchedule("cosine"),
                          image_shape=(1, 8, 8))
-    store = featurize(cset, tiny_data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=64, chunk_rows=16, train_timesteps="replay"),
-                      progress=False)
+    store = featurize(cset, tiny_data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=64, chunk_rows=16,
+                                                                            train_timesteps="replay"), progress=False)
     stored_t = np.asarray(store.group["timesteps/c1"][:])[:, 0]
     np.testing.assert_array_equal(stored_t, torch.load(ckpts[1].path, weights_only=True)["replay_timesteps"])
     build_index(store, "retrac")

@@ -159,7 +159,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, tiny_ck
 
 def test_same_gradient_features_whatever_the_batch_size(tmp_path, tiny_ckpts, tiny_data):
     a = featurize(tiny_ckpts, tiny_data, tmp_path / "a.zarr",
-                  FeaturizeConfig(proj_dim=64, batch_size=3, chunk_rows=7, dtype="float32", timesteps=3), progress=False)
+                  FeaturizeConfig(proj_dim=64, batch_size=3, chunk_rows=7, dtype="float32", timesteps=3),
+                  progress=False)
     b = featurize(tiny_ckpts, tiny_data, tmp_path / "b.zarr",
                   FeaturizeConfig(proj_dim=64, batch_size=16, chunk_rows=16, dtype="float32", timesteps=3),
                   progress=False)

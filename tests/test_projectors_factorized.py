@@ -122,7 +122,8 @@ def test_default_projector_is_sjlt_and_auto_picks_factorized_where_it_can(tmp_pa
 def test_featurize_factorized_matches_projecting_full_gradients(tmp_path, tiny_ckpts, tiny_data, mode):
     """The store's factorized features and exact norms equal the reference path (vmap gradients -> projector)."""
     data = tiny_data.subset(slice(0, 10))
-    base = dict(proj_dim=64, projection_seed=2, noise_seed=2, dtype="float32", train_timesteps=mode, timesteps=3, batch_size=6, chunk_rows=4)
+    base = dict(proj_dim=64, projection_seed=2, noise_seed=2, dtype="float32", train_timesteps=mode, timesteps=3,
+                batch_size=6, chunk_rows=4)
     fact = featurize(tiny_ckpts, data, tmp_path / "f.zarr", FeaturizeConfig(projector="factorized", **base),
                      progress=False)
     exact = featurize(tiny_ckpts, data, tmp_path / "e.zarr", FeaturizeConfig(projector="identity", **base),
