@@ -13,8 +13,11 @@ and evaluated as the paper does (Q = 16 queries, top-50):
 - outliers (digits): digits + 3% 8x8 grayscale photo patches; share of majority queries' top-10 taken by outliers,
   and self-influence ROC-AUC for finding the outliers.
 
-Query side: S timesteps x R noise draws (default 10 x 4; the paper uses 100 x 16: --query-timesteps/--noise-draws);
-training side: D noise draws per gradient (default 1, the paper: --train-draws); --epochs trains longer than the demo.
+Query side: S timesteps x R noise draws (default: the store's, i.e. 10 x 4 under per-sample noise, the store's grid
+x D under shared noise; the paper uses 100 x 16: --query-timesteps/--noise-draws); training side: D noise draws per
+gradient (default 1, the paper: --train-draws); --epochs trains longer than the demo. --noise per-sample (default,
+the paper's code) or shared; in grid mode the timestep-matched cosine (``matched``) is evaluated beside the paper's
+two methods (self-tracing, near-duplicates, specificity).
 
     python benchmarks/paper_repro.py --out bench-out/paper_repro          # ~15-25 min on 2 cores
     python benchmarks/paper_repro.py --quick --out /tmp/pr                 # smoke run
@@ -47,7 +50,11 @@ from projidx.store import FeatureStore
 from projidx.train import TrainConfig
 from projidx.unet import UNetConfig
 
-METHODS = ("tracin", "retrac")
+METHODS = ("tracin", "retrac")  # the paper's two; grid stores add the timestep-matched cosine
+
+
+def methods_for(store: FeatureStore) -> tuple[str, ...]:
+    return (*METHODS, "matched") if store.meta.train_timesteps == "grid" else METHODS
 TRACE_BINS = [0, 200, 400, 600, 800, 1000]  # replayed-timestep groups for the self-tracing breakdown
 DATASETS: dict[str, tuple[str, TrainConfig]] = {
     "digits": ("digits:train", DEMO_TRAIN),
@@ -75,7 +82,7 @@ def generated(ckpts: CheckpointSet, n: int, seed: int) -> ImageSet:
 
 def specificity(store: FeatureStore, qf, top_k: int) -> dict:
     out = {}
-    for method in METHODS:
+    for method in methods_for(store):
         ids = attribute(store, qf, method, top_k, exact=True).ids
         s = analysis.influence_stats(ids, store)
         out[method] = {"unique_ratio": s["unique_ratio"], "generally_influential": s["generally_influential"]["count"],
@@ -86,7 +93,7 @@ def specificity(store: FeatureStore, qf, top_k: int) -> dict:
 def tracing(store: FeatureStore, qf, targets: np.ndarray) -> dict:
     """Share of queries whose target training id is ranked first / within the top 10, per method."""
     out = {}
-    for method in METHODS:
+    for method in methods_for(store):
         ids = attribute(store, qf, method, 10, exact=True).ids
         out[method] = {"top1": float(np.mean(ids[:, 0] == targets)),
                        "top10": float(np.mean((ids == targets[:, None]).any(axis=1)))}
@@ -97,9 +104,9 @@ def run_dataset(name: str, spec: str, config: TrainConfig, mode: str, args, out:
     data = load_dataset(spec)
     ckpts = cached_model(data, config, args.cache)
     fcfg = FeaturizeConfig(proj_dim=args.proj_dim, train_timesteps=mode, timesteps=args.grid,
-                           train_draws=args.train_draws)
+                           train_draws=args.train_draws, noise=args.noise)
     start = time.perf_counter()
-    store = featurize(ckpts, data, out / f"{name}-{mode}.zarr", fcfg)
+    store = featurize(ckpts, data, out / f"{name}-{mode}-{args.noise}.zarr", fcfg)
     featurize_s = time.perf_counter() - start
     bias = timestep_bias_report(store, out / f"{name}-{mode}-bias")
     rng = np.random.default_rng(args.seed)
@@ -115,7 +122,7 @@ def run_dataset(name: str, spec: str, config: TrainConfig, mode: str, args, out:
     trace_q = subset(data, trace_rows)
     trace_qf = qfeat(trace_q)
     result = {
-        "dataset": spec, "mode": mode, "n_train": len(data), "featurize_s": featurize_s,
+        "dataset": spec, "mode": mode, "noise": args.noise, "n_train": len(data), "featurize_s": featurize_s,
         "timestep_bias_median_ratio": {c: v["median_max_min_ratio"] for c, v in bias["checkpoints"].items()},
         "specificity_train_queries": specificity(store, qfeat(train_q), args.top_k),
         "specificity_generated_queries": specificity(store, qfeat(gen_q), args.top_k),
@@ -125,11 +132,11 @@ def run_dataset(name: str, spec: str, config: TrainConfig, mode: str, args, out:
     if mode == "replay":
         result["self_tracing_by_replayed_timestep"] = {
             m: analysis.self_tracing_by_timestep(store, trace_qf, m, TRACE_BINS) for m in METHODS}
-    tops = {m: attribute(store, qfeat(gen_q.subset(slice(0, 6))), m, 8, exact=True) for m in METHODS}
+    tops = {m: attribute(store, qfeat(gen_q.subset(slice(0, 6))), m, 8, exact=True) for m in methods_for(store)}
     from projidx.attribute import training_images
 
     for m, res in tops.items():
-        viz.attribution_grid(out / f"{name}-{mode}-generated-{m}.png", gen_q.images[:6].numpy(),
+        viz.attribution_grid(out / f"{name}-{mode}-{args.noise}-generated-{m}.png", gen_q.images[:6].numpy(),
                              training_images(store, res.ids), res.scores, title=f"{name} {mode}: generated, {m}")
     return result
 
@@ -146,7 +153,7 @@ def run_outliers(args, out: Path) -> dict:
     data = load_dataset(str(path))
     ckpts = cached_model(data, DEMO_TRAIN, args.cache)
     store = featurize(ckpts, data, out / "outliers-replay.zarr",
-                      FeaturizeConfig(proj_dim=args.proj_dim, train_timesteps="replay"))
+                      FeaturizeConfig(proj_dim=args.proj_dim, train_timesteps="replay", noise=args.noise))
     is_outlier = store.ids() >= 100_000
     rng = np.random.default_rng(args.seed)
     majority_rows = rng.permutation(len(digits))[: args.queries]
@@ -168,7 +175,7 @@ def main() -> None:
     p.add_argument("--cache", default=None)
     p.add_argument("--datasets", default="digits,photos")
     p.add_argument("--modes", default="replay", help="comma-separated: replay,grid")
-    p.add_argument("--grid", type=int, default=8, help="grid mode: timesteps per training image")
+    p.add_argument("--grid", type=int, default=10, help="grid mode: timesteps per training image")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's 30)")
     p.add_argument("--train-draws", type=int, default=1, help="noise draws per training-side gradient (paper: 1)")
     p.add_argument("--proj-dim", type=int, default=2048)
@@ -176,8 +183,9 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--trace-queries", type=int, default=64)
     p.add_argument("--sigma", type=float, default=0.1, help="near-duplicate pixel noise (images in [-1, 1])")
-    p.add_argument("--query-timesteps", type=int, default=10)
-    p.add_argument("--noise-draws", type=int, default=4)
+    p.add_argument("--query-timesteps", type=int, default=None, help="default: the store's grid, else 10")
+    p.add_argument("--noise-draws", type=int, default=None, help="default: D under shared noise, else 4")
+    p.add_argument("--noise", default="per-sample", choices=["per-sample", "shared"], help="noise policy")
     p.add_argument("--self-timesteps", type=int, default=5)
     p.add_argument("--self-draws", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -212,17 +220,17 @@ def print_table(results: dict) -> None:
         st, sg = r["specificity_train_queries"], r["specificity_generated_queries"]
         ratio = max(r["timestep_bias_median_ratio"].values())
         rows.append([
-            f"{r['dataset']} {r['mode']}", f"{ratio:.1f}",
+            f"{r['dataset']} {r['mode']} {r['noise']}", f"{ratio:.1f}",
             f"{st['tracin']['unique_ratio']:.3f}/{st['retrac']['unique_ratio']:.3f}",
             f"{st['tracin']['generally_influential']}/{st['retrac']['generally_influential']}",
             f"{sg['tracin']['unique_ratio']:.3f}/{sg['retrac']['unique_ratio']:.3f}",
             f"{sg['tracin']['generally_influential']}/{sg['retrac']['generally_influential']}",
-            f"{r['self_tracing']['tracin']['top1']:.2f}/{r['self_tracing']['retrac']['top1']:.2f}",
-            f"{r['near_duplicates']['tracin']['top1']:.2f}/{r['near_duplicates']['retrac']['top1']:.2f}",
-            f"{r['near_duplicates']['tracin']['top10']:.2f}/{r['near_duplicates']['retrac']['top10']:.2f}",
+            "/".join(f"{v['top1']:.2f}" for v in r["self_tracing"].values()),
+            "/".join(f"{v['top1']:.2f}" for v in r["near_duplicates"].values()),
+            "/".join(f"{v['top10']:.2f}" for v in r["near_duplicates"].values()),
         ])
-    head = ["run", "norm ratio", "uniq train T/R", "GI train T/R", "uniq gen T/R", "GI gen T/R", "self top1 T/R",
-            "dup top1 T/R", "dup top10 T/R"]
+    head = ["run", "norm ratio", "uniq train T/R", "GI train T/R", "uniq gen T/R", "GI gen T/R", "self top1 T/R[/M]",
+            "dup top1 T/R[/M]", "dup top10 T/R[/M]"]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for row in rows:

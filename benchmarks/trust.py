@@ -1,5 +1,9 @@
-"""The first checks a user tries, per (dataset x training-side mode x noise policy x method): is a training image
-found for itself, for a near-copy, for a copy shifted by one pixel? (``projidx validate``, exact scan.)
+"""The first checks a user tries, per (dataset x training-side setting x method): is a training image found for
+itself, for a near-copy, for a copy shifted by one pixel? (``projidx validate``, exact scan.)
+
+Training-side settings (``--settings``, MODE:GRID:NOISE): the defaults (grid of 10 bin midpoints, shared noise),
+the same with per-sample noise, the paper's grid (linspace(1, 999, 10)) with shared noise, and the paper's replay
+mode under both noise policies. Query side: ``projidx query``'s defaults for each store.
 
 Datasets (each model trained with projidx's own ``train``, cached under $PROJIDX_CACHE):
 - ``digits``: the demo's model on scikit-learn's 1,500 8x8 training digits;
@@ -69,15 +73,15 @@ def main() -> None:
     p.add_argument("--out", default="bench-out/trust")
     p.add_argument("--cache", default=None)
     p.add_argument("--datasets", default="digits,photos,digits28")
-    p.add_argument("--modes", default="grid,replay")
-    p.add_argument("--noise", default="shared,per-sample")
+    p.add_argument("--settings", default="grid:midpoints:shared,grid:midpoints:per-sample,grid:paper:shared,"
+                                         "replay:-:shared,replay:-:per-sample")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="digits28 only, grid + shared, 8 samples")
+    p.add_argument("--quick", action="store_true", help="digits28 only, the defaults, 8 samples")
     args = p.parse_args()
     if args.quick:
-        args.datasets, args.modes, args.noise, args.samples = "digits28", "grid", "shared", 8
+        args.datasets, args.settings, args.samples = "digits28", "grid:midpoints:shared", 8
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -91,17 +95,17 @@ def main() -> None:
         data = load_dataset(str(path))
         ckpts = cached_model(data, train_config, args.cache)
         results["pixel_l2"][name] = pixel_baseline(data, args.samples, args.seed, args.sigma)
-        for mode in args.modes.split(","):
-            for noise in args.noise.split(","):
-                config = FeaturizeConfig(proj_dim=proj_dim, train_timesteps=mode, noise=noise)
-                t0 = time.perf_counter()
-                store = featurize(ckpts, data, out / f"{name}-{mode}-{noise}.zarr", config, progress=False)
-                featurize_s = time.perf_counter() - t0
-                report = validate_store(store, ckpts, data, args.samples, args.seed, args.sigma)
-                results["runs"].append({"dataset": name, "mode": mode, "noise": noise, "featurize_s": featurize_s,
-                                        **report})
-                print_run(results["runs"][-1])
-                (out / "trust.json").write_text(json.dumps(results, indent=1))
+        for setting in args.settings.split(","):
+            mode, grid, noise = setting.split(":")
+            config = FeaturizeConfig(proj_dim=proj_dim, train_timesteps=mode, noise=noise,
+                                     grid=grid if grid != "-" else "midpoints")
+            t0 = time.perf_counter()
+            store = featurize(ckpts, data, out / f"{name}-{mode}-{grid}-{noise}.zarr", config, progress=False)
+            featurize_s = time.perf_counter() - t0
+            report = validate_store(store, ckpts, data, args.samples, args.seed, args.sigma)
+            results["runs"].append({"dataset": name, "setting": setting, "featurize_s": featurize_s, **report})
+            print_run(results["runs"][-1])
+            (out / "trust.json").write_text(json.dumps(results, indent=1))
     results["wall_s"] = time.perf_counter() - start
     (out / "trust.json").write_text(json.dumps(results, indent=1))
     print_table(results)
@@ -113,14 +117,14 @@ def cells(checks: dict) -> str:
 
 def print_run(run: dict) -> None:
     for method, checks in run["methods"].items():
-        print(f"{run['dataset']:<9} {run['mode']:<7} {run['noise']:<11} {method:<8} {cells(checks)}", flush=True)
+        print(f"{run['dataset']:<9} {run['setting']:<26} {method:<8} {cells(checks)}", flush=True)
 
 
 def print_table(results: dict) -> None:
     print(f"top-1/top-10 of the source; columns: {', '.join(CHECKS)}")
-    print(f"{'dataset':<9} {'mode':<7} {'noise':<11} {'method':<8} {'  '.join(f'{c:<9}' for c in CHECKS)}")
+    print(f"{'dataset':<9} {'mode:grid:noise':<26} {'method':<8} {'  '.join(f'{c:<9}' for c in CHECKS)}")
     for name, checks in results["pixel_l2"].items():
-        print(f"{name:<9} {'-':<7} {'-':<11} {'pixel-L2':<8} {cells(checks)}")
+        print(f"{name:<9} {'-':<26} {'pixel-L2':<8} {cells(checks)}")
     for run in results["runs"]:
         print_run(run)
     print(f"wall time {results['wall_s']:.0f}s")

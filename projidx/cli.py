@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from projidx.diffusion import NOISE_POLICIES, SCHEDULES
+from projidx.diffusion import GRIDS, NOISE_POLICIES, SCHEDULES
 from projidx.errors import ProjidxError
 from projidx.featurize import PROJECTOR_CHOICES, FeaturizeConfig
 from projidx.scoring import METHODS
@@ -96,7 +96,9 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
               show_default=True,
               help="grid: --timesteps gradients per image (needed by the matched method); replay: the one timestep"
                    " each image was trained at (the paper's setting, needs recorded timesteps).")
-@click.option("--timesteps", default=FEATURIZE.timesteps, show_default=True, type=int, help="Grid size in grid mode.")
+@click.option("--timesteps", default=FEATURIZE.timesteps, show_default=True, type=int, help="Grid size K in grid mode.")
+@click.option("--grid", type=click.Choice(GRIDS), default=FEATURIZE.grid, show_default=True,
+              help="Grid placement: midpoints of K equal bins of [0, T), or the paper's linspace(1, T-1, K).")
 @click.option("--noise", type=click.Choice(NOISE_POLICIES), default=FEATURIZE.noise, show_default=True,
               help="shared: the same noise for every image and both sides at each (checkpoint, timestep, draw);"
                    " per-sample: a noise per image and side (the paper's code).")
@@ -117,7 +119,7 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
 @click.option("--train-draws", default=FEATURIZE.train_draws, show_default=True, type=click.IntRange(1),
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
 @_fail_cleanly
-def featurize(ckpt_dir, data, store, train_timesteps, timesteps, noise, proj_dim, projector, projection_seed,
+def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector, projection_seed,
               noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
@@ -129,7 +131,7 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, noise, proj_dim
     _check_device(device)
     config = _flags(FeaturizeConfig, projector=projector, proj_dim=proj_dim, projection_seed=projection_seed,
                     noise_seed=noise_seed, noise=noise, dtype=dtype, train_timesteps=train_timesteps,
-                    timesteps=timesteps, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
+                    timesteps=timesteps, grid=grid, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
                     objective=objective, train_draws=train_draws)
     ckpts = load_checkpoint_dir(ckpt_dir)
     images = load_dataset(data)

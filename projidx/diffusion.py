@@ -31,6 +31,7 @@ SHARED_NOISE = "shared-noise"  # the shared policy's one stream, for both sides
 NOISE_POLICIES = ("shared", "per-sample")
 OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
 SCHEDULES = ("linear", "cosine", "cosine-clipped")
+GRIDS = ("midpoints", "paper")  # timestep_grid kinds
 
 
 class EpsModel(Protocol):
@@ -77,11 +78,21 @@ class NoiseSchedule:
         return cls(kind=str(d["kind"]), T=int(d["T"]))
 
 
-def timestep_grid(n: int, T: int) -> list[int]:
-    """``n`` evenly spaced integer timesteps from 1 to T-1, truncated as the authors' code does
-    (``np.linspace(1, 999, 100, dtype=int)`` is the paper's query grid); duplicates dropped; ``[T // 2]`` for n=1."""
+def timestep_grid(n: int, T: int, kind: str = "paper") -> list[int]:
+    """``n`` integer timesteps in [0, T), sorted, duplicates dropped.
+
+    ``paper``: evenly spaced from 1 to T-1, truncated as the authors' code does (``np.linspace(1, 999, 100,
+    dtype=int)`` is the paper's query grid; ``[T // 2]`` for n = 1). ``midpoints``: the centres ``(i + 1/2) T / n``
+    of n equal bins of [0, T), truncated: each point stands for an equal share of the uniform training distribution
+    of t, and none sits at t ~ 0, where the diffusion noise is below any realistic pixel perturbation of an image
+    (docs/results.md).
+    """
     if n < 1:
         raise ValueError(f"the number of timesteps must be >= 1, got {n}")
+    if kind == "midpoints":
+        return sorted({int((i + 0.5) * T / n) for i in range(n)})
+    if kind != "paper":
+        raise ValueError(f"unknown timestep grid {kind!r}; expected one of {GRIDS}")
     if n == 1:
         return [T // 2]
     return sorted({int(v) for v in np.linspace(1, T - 1, n)})

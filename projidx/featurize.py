@@ -26,6 +26,7 @@ from tqdm import tqdm
 from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet
 from projidx.diffusion import (
+    GRIDS,
     NOISE_POLICIES,
     OBJECTIVES,
     QUERY_NOISE,
@@ -54,8 +55,8 @@ class FeaturizeConfig:
     timesteps x ``train_draws``); it never changes results.
 
     Defaults are the ones ``projidx validate`` passes best (docs/results.md): a grid of 10 timesteps per training
-    image and shared noise, which the timestep-matched method (``matched``) needs; ``train_timesteps="replay"``
-    with ``noise="per-sample"`` is the paper's setting.
+    image (bin midpoints) and shared noise, which the timestep-matched method (``matched``) needs;
+    ``train_timesteps="replay"`` with ``noise="per-sample"`` is the paper's setting.
     """
 
     projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
@@ -66,7 +67,8 @@ class FeaturizeConfig:
     dtype: str = "float16"
     sparsity: int = 1
     train_timesteps: str = "grid"  # replay | grid | auto (replay where the checkpoints record it, else grid)
-    timesteps: int = 10
+    timesteps: int = 10  # grid mode: the grid's size K
+    grid: str = "midpoints"  # grid mode: diffusion.GRIDS kind (midpoints of K bins of [0, T), or the paper's)
     batch_size: int = 32
     chunk_rows: int = 256
     device: str = "cpu"
@@ -75,7 +77,7 @@ class FeaturizeConfig:
 
     def __post_init__(self) -> None:
         choices = {"projector": PROJECTOR_CHOICES, "noise": NOISE_POLICIES, "train_timesteps": TRAIN_TIMESTEP_MODES,
-                   "objective": OBJECTIVES, "dtype": ("float16", "float32")}
+                   "objective": OBJECTIVES, "dtype": ("float16", "float32"), "grid": GRIDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ProjidxError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -174,7 +176,7 @@ def project_batch(
 
 
 def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
-    grid = timestep_grid(config.timesteps, ckpts.schedule.T) if config.train_timesteps == "grid" else []
+    grid = timestep_grid(config.timesteps, ckpts.schedule.T, config.grid) if config.train_timesteps == "grid" else []
     return StoreMeta(
         projector=spec,
         model_fingerprint=model_fingerprint(ckpts.model),
@@ -370,8 +372,8 @@ def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: in
     """The query grid S and the draws R for a store when the caller leaves them out (None).
 
     S: the store's own training grid in grid mode (so that every method, ``matched`` included, can be scored),
-    else 10 evenly spaced timesteps. R: under shared noise the store's ``train_draws`` (the query's draws are
-    then exactly the training side's), else 4.
+    else the paper's grid of 10; ``query_timesteps`` n asks for the paper's grid of n. R: under shared noise the
+    store's ``train_draws`` (the query's draws are then exactly the training side's), else 4.
     """
     if query_timesteps is None:
         grid = list(meta.timesteps) if meta.train_timesteps == "grid" else timestep_grid(10, meta.schedule.T)

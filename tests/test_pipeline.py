@@ -33,14 +33,13 @@ def _flat_grad(model, x0, t, eps, abar, loss) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads]).double()
 
 
-def _reference(ckpts, data, queries, mode, draws, policy):
+def _reference(ckpts, data, queries, mode, draws, policy, train_grid, grid_s):
     """TracIn / ReTrac / cosine (M, N) computed from scratch from METHOD.md's formulas, no projection; each
     training-side gradient averaged over ``draws`` noise draws drawn under the noise ``policy``. Grid mode adds
     the exact timestep-matched score sum_c w_c mean_t cos(g_c(x, t), gbar_c(x', t)) (training grid = query grid)."""
     model = ckpts.model
     abar = ckpts.schedule.alphas_cumprod().float()
     shape = data.image_shape
-    grid_s = timestep_grid(S, ckpts.schedule.T)
     methods = ("tracin", "retrac", "cosine", "matched") if mode == "grid" else ("tracin", "retrac", "cosine")
     scores = {m: np.zeros((len(queries), len(data))) for m in methods}
     for c, ckpt in enumerate(ckpts.checkpoints):
@@ -49,7 +48,7 @@ def _reference(ckpts, data, queries, mode, draws, policy):
         replay = dict(zip(blob["replay_ids"].tolist(), blob["replay_timesteps"].tolist(), strict=True))
         train_g = []
         for x0, sid in zip(data.images, data.ids.tolist(), strict=True):
-            ts = [replay[sid]] if mode == "replay" else timestep_grid(K, ckpts.schedule.T)
+            ts = [replay[sid]] if mode == "replay" else train_grid
             train_g.append([
                 _flat_grad(model, x0, t, torch.cat([noise_for(SEED, [sid], c, [t], d, shape, TRAIN_NOISE, policy)
                                                     for d in range(draws)]), abar, ckpts.loss)
@@ -84,9 +83,12 @@ def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tin
                              dtype="float32", train_timesteps=mode, timesteps=K, batch_size=7, chunk_rows=5,
                              train_draws=draws)
     store = featurize(tiny_ckpts, data, tmp_path / "s.zarr", config, progress=False)
-    qf = featurize_queries(store, tiny_ckpts, queries, query_timesteps=S, noise_draws=R, batch_size=5,
-                           progress=False)
-    ref = _reference(tiny_ckpts, data, queries, mode, draws, policy)
+    # grid stores: the queries at the store's grid (K midpoints), which matched needs; replay: the paper's grid of S
+    qf = featurize_queries(store, tiny_ckpts, queries, query_timesteps=S if mode == "replay" else None,
+                           noise_draws=R, batch_size=5, progress=False)
+    train_grid = timestep_grid(K, tiny_ckpts.schedule.T, "midpoints")
+    assert qf.timesteps == (timestep_grid(S, tiny_ckpts.schedule.T) if mode == "replay" else train_grid)
+    ref = _reference(tiny_ckpts, data, queries, mode, draws, policy, train_grid, qf.timesteps)
     for method, expected in ref.items():
         got = exact_scores(store, query_vectors(store, qf, method), method)
         if method == "matched":

@@ -212,9 +212,14 @@ def test_cosine_clipped_is_the_authors_schedule():
     assert float(betas.min()) >= 1e-4 and float(betas.max()) <= 0.02
 
 
-def test_timestep_grid_truncates_like_the_authors():
-    assert timestep_grid(100, 1000) == np.linspace(1, 999, 100, dtype=int).tolist()
+def test_timestep_grids():
+    assert timestep_grid(100, 1000) == np.linspace(1, 999, 100, dtype=int).tolist()  # the authors truncate
     assert timestep_grid(10, 1000)[:3] == [1, 111, 222]
+    assert timestep_grid(10, 1000, "midpoints") == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
+    assert timestep_grid(3, 100, "midpoints") == [16, 50, 83]
+    assert FeaturizeConfig().grid == "midpoints"
+    with pytest.raises(ProjidxError, match="grid must be one of"):
+        FeaturizeConfig(grid="ends")
 
 
 def test_unique_ratio_does_not_count_empty_slots():
