@@ -6,7 +6,7 @@ Measured side by side in one run, per model (the demo UNet and a >= 10M-paramete
 - per-sample gradients without projection (torch.func vmap), and the factorized path's per-sample layer
   factors without projection (one batched forward + backward to the layer outputs);
 - full featurization with each projector kind at each k: gradients + projection with exact norms, as
-  projidx.featurize does them (the dense kind projects ``projection_rows`` gradients per call, as the
+  projidx.featurization does them (the dense kind projects ``projection_rows`` gradients per call, as the
   featurizer batches it), with projection's share of the time;
 - traker's and dattri's CPU ``BasicProjector`` (Rademacher) projecting the same gradients, one call per
   batch, when those optional packages import (reported as unavailable otherwise);
@@ -39,7 +39,7 @@ import torch
 
 from projidx.diffusion import NoiseSchedule, diffusion_loss
 from projidx.factorized import FactorizedGradients, project_capture
-from projidx.featurize import FeaturizeConfig, projection_rows, resolve_projector
+from projidx.featurization import FeaturizeConfig, projection_rows, resolve_projector
 from projidx.grads import GradientComputer, parameter_shapes
 from projidx.projection import ProjectorSpec, make_projector
 from projidx.unet import SmallUNet, UNetConfig

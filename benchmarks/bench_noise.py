@@ -25,7 +25,7 @@ import torch
 
 from projidx.data import load_dataset
 from projidx.demo import DEMO_TRAIN, cached_model
-from projidx.featurize import FeaturizeConfig, featurize
+from projidx.featurization import FeaturizeConfig, featurize
 
 POLICIES = ("shared", "per-sample")
 

@@ -36,7 +36,7 @@ from projidx.analysis import rank_agreement  # noqa: E402
 from projidx.data import load_dataset  # noqa: E402
 from projidx.demo import DEMO_TRAIN, cached_model  # noqa: E402
 from projidx.errors import ProjidxError  # noqa: E402
-from projidx.featurize import FeaturizeConfig, featurize, featurize_queries  # noqa: E402
+from projidx.featurization import FeaturizeConfig, featurize, featurize_queries  # noqa: E402
 from projidx.projection import KINDS  # noqa: E402
 from projidx.scoring import exact_scores, query_vectors  # noqa: E402
 

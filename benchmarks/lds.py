@@ -38,9 +38,9 @@ from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet, load_dataset
 from projidx.demo import cached_model
 from projidx.diffusion import diffusion_loss, noise_for, timestep_grid
-from projidx.featurize import FeaturizeConfig, featurize, featurize_queries
+from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
 from projidx.scoring import METHODS, exact_scores, query_vectors
-from projidx.train import TrainConfig
+from projidx.training import TrainConfig
 from projidx.unet import UNetConfig
 
 LDS_TRAIN = TrainConfig(epochs=40, checkpoints=4, seed=0, loss="mse", lr=1e-3, batch_size=32,

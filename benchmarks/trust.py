@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from projidx.data import ImageSet, load_dataset
 from projidx.demo import DEMO_TRAIN, cached_model
-from projidx.featurize import FeaturizeConfig, featurize
+from projidx.featurization import FeaturizeConfig, featurize
 from projidx.unet import UNetConfig
 from projidx.validate import CHECKS, DEFAULT_SIGMA, check_queries, sample_rows, summarize, validate_store
 

@@ -2,51 +2,60 @@
 
 Data flow: data + checkpoints -> :func:`featurize` (per-sample gradients, JL projection) -> Zarr
 :class:`FeatureStore` -> :func:`build_index` (FAISS, inner product = score) -> :func:`attribute`.
+
+The names below are imported on first use (PEP 562), so ``import projidx`` and the CLI's start-up do not
+import torch until something needs it.
 """
 
-from projidx.attribute import Attribution, attribute
-from projidx.checkpoints import Checkpoint, CheckpointSet, load_checkpoint_dir, save_checkpoint
-from projidx.data import ImageSet, from_arrays, load_dataset
-from projidx.diffusion import DiffusersEps, NoiseSchedule, schedule_from_diffusers
-from projidx.errors import ProjidxError
-from projidx.featurize import FeaturizeConfig, QueryFeatures, featurize, featurize_queries
-from projidx.index import build_index, load_index
-from projidx.projection import ProjectorSpec, make_projector
-from projidx.scoring import METHODS, exact_scores, exact_topk, query_vectors
-from projidx.store import FeatureStore, StoreMeta
-from projidx.train import TrainConfig, train
-from projidx.unet import SmallUNet, UNetConfig
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "Attribution",
-    "Checkpoint",
-    "CheckpointSet",
-    "DiffusersEps",
-    "FeatureStore",
-    "FeaturizeConfig",
-    "ImageSet",
-    "NoiseSchedule",
-    "ProjectorSpec",
-    "ProjidxError",
-    "QueryFeatures",
-    "SmallUNet",
-    "StoreMeta",
-    "TrainConfig",
-    "UNetConfig",
-    "attribute",
-    "build_index",
-    "exact_scores",
-    "exact_topk",
-    "featurize",
-    "featurize_queries",
-    "from_arrays",
-    "load_checkpoint_dir",
-    "load_dataset",
-    "load_index",
-    "make_projector",
-    "query_vectors",
-    "save_checkpoint",
-    "schedule_from_diffusers",
-    "train",
-]
+import importlib
+
+_EXPORTS = {
+    "Attribution": "projidx.attribution",
+    "attribute": "projidx.attribution",
+    "Checkpoint": "projidx.checkpoints",
+    "CheckpointSet": "projidx.checkpoints",
+    "load_checkpoint_dir": "projidx.checkpoints",
+    "save_checkpoint": "projidx.checkpoints",
+    "ImageSet": "projidx.data",
+    "from_arrays": "projidx.data",
+    "load_dataset": "projidx.data",
+    "DiffusersEps": "projidx.diffusion",
+    "NoiseSchedule": "projidx.diffusion",
+    "schedule_from_diffusers": "projidx.diffusion",
+    "ProjidxError": "projidx.errors",
+    "FeaturizeConfig": "projidx.featurization",
+    "QueryFeatures": "projidx.featurization",
+    "featurize": "projidx.featurization",
+    "featurize_queries": "projidx.featurization",
+    "build_index": "projidx.index",
+    "load_index": "projidx.index",
+    "ProjectorSpec": "projidx.projection",
+    "make_projector": "projidx.projection",
+    "METHODS": "projidx.scoring",
+    "exact_scores": "projidx.scoring",
+    "exact_topk": "projidx.scoring",
+    "query_vectors": "projidx.scoring",
+    "FeatureStore": "projidx.store",
+    "StoreMeta": "projidx.store",
+    "TrainConfig": "projidx.training",
+    "train": "projidx.training",
+    "SmallUNet": "projidx.unet",
+    "UNetConfig": "projidx.unet",
+    "validate_store": "projidx.validate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'projidx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,8 +17,9 @@ with ``torch.load(weights_only=True)``: nothing is unpickled but tensors.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,35 @@ from torch import nn
 
 from projidx.diffusion import LOSSES, NoiseSchedule
 from projidx.errors import ProjidxError, one_line
+from projidx.files import atomic_path, file_sha256, write_text_atomic
 from projidx.unet import SmallUNet, UNetConfig
 
 MANIFEST = "manifest.json"
 FORMAT = "projidx-checkpoints/1"
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # checkpoint ids name store arrays: no '/', no '..'
+
+
+def check_blob(blob: object, cid: str, T: int) -> dict:
+    """``blob`` (a loaded checkpoint file) if it holds a ``state_dict`` of tensors and, when present, replay records
+    of equal length with integer timesteps in [0, T); ProjidxError naming the checkpoint otherwise."""
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ProjidxError(f"checkpoint {cid}: the file holds no 'state_dict' dictionary")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob["state_dict"].items()):
+        raise ProjidxError(f"checkpoint {cid}: 'state_dict' must map parameter names to tensors")
+    if ("replay_ids" in blob) != ("replay_timesteps" in blob):
+        raise ProjidxError(f"checkpoint {cid}: replay records need both 'replay_ids' and 'replay_timesteps'")
+    if "replay_ids" in blob:
+        ids, times = blob["replay_ids"], blob["replay_timesteps"]
+        if not (isinstance(ids, torch.Tensor) and isinstance(times, torch.Tensor)) or ids.dtype.is_floating_point \
+                or times.dtype.is_floating_point or ids.dim() != 1 or ids.shape != times.shape:
+            raise ProjidxError(f"checkpoint {cid}: 'replay_ids' and 'replay_timesteps' must be integer tensors of"
+                               " one equal length")
+        if len(times) and (int(times.min()) < 0 or int(times.max()) >= T):
+            raise ProjidxError(f"checkpoint {cid}: replayed timesteps must lie in [0, {T}), found"
+                               f" {int(times.min())}..{int(times.max())}")
+        if len(torch.unique(ids)) != len(ids):
+            raise ProjidxError(f"checkpoint {cid}: 'replay_ids' has duplicate sample ids")
+    return blob
 
 
 @dataclass(frozen=True)
@@ -75,17 +101,19 @@ class CheckpointSet:
             raise ProjidxError(f"unknown loss {self.loss!r} (expected one of {LOSSES})")
         if not self.checkpoints:
             raise ProjidxError("no checkpoints given")
+        ids = [c.id for c in self.checkpoints]
+        for c in self.checkpoints:
+            if not isinstance(c.id, str) or not SAFE_ID.fullmatch(c.id):
+                raise ProjidxError(f"checkpoint id {c.id!r}: use 1-128 letters, digits, '.', '_' or '-', starting"
+                                   " with a letter or digit")
+            if not isinstance(c.weight, float | int) or not math.isfinite(c.weight) or c.weight < 0:
+                raise ProjidxError(f"checkpoint {c.id}: its TracIn weight must be a finite number >= 0,"
+                                   f" got {c.weight!r}")
+        if len(set(ids)) != len(ids):
+            raise ProjidxError(f"checkpoint ids must be unique, got {ids}")
 
     def describe(self) -> list[dict]:
         return [{"id": c.id, "sha256": c.sha256, "weight": c.weight} for c in self.checkpoints]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -99,7 +127,8 @@ def save_checkpoint(
     if replay_ids is not None and replay_timesteps is not None:
         blob["replay_ids"] = replay_ids.to(torch.int64).cpu()
         blob["replay_timesteps"] = replay_timesteps.to(torch.int64).cpu()
-    torch.save(blob, path)
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
     return file_sha256(path)
 
 
@@ -120,7 +149,7 @@ def build_model(spec: dict) -> nn.Module:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    (directory / MANIFEST).write_text(json.dumps({"format": FORMAT, **manifest}, indent=2))
+    write_text_atomic(directory / MANIFEST, json.dumps({"format": FORMAT, **manifest}, indent=2))
 
 
 def load_checkpoint_dir(directory: str | Path) -> CheckpointSet:
@@ -131,12 +160,17 @@ def load_checkpoint_dir(directory: str | Path) -> CheckpointSet:
         raise ProjidxError(f"checkpoints {directory}: no {MANIFEST} (run 'projidx train' first)")
     try:
         m = json.loads(path.read_text())
+        if not isinstance(m, dict):
+            raise ProjidxError(f"checkpoints {directory}: {MANIFEST} must hold a JSON object, not"
+                               f" {type(m).__name__}")
         if m.get("format") != FORMAT:
             raise ProjidxError(f"checkpoints {directory}: unsupported manifest format {m.get('format')!r}")
-        ckpts = [
-            Checkpoint(str(c["id"]), directory / c["file"], float(c["weight"]), str(c["sha256"]))
-            for c in m["checkpoints"]
-        ]
+        ckpts = []
+        for c in m["checkpoints"]:
+            if Path(str(c["file"])).name != c["file"] or c["file"] in ("", ".", ".."):
+                raise ProjidxError(f"checkpoints {directory}: checkpoint file {c['file']!r} must be a file name in"
+                                   " the directory")
+            ckpts.append(Checkpoint(str(c["id"]), directory / c["file"], float(c["weight"]), str(c["sha256"])))
         return CheckpointSet(
             model=build_model(m["model"]),
             checkpoints=ckpts,
@@ -148,5 +182,5 @@ def load_checkpoint_dir(directory: str | Path) -> CheckpointSet:
         )
     except ProjidxError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise ProjidxError(f"checkpoints {directory}: malformed {MANIFEST} ({e!r})") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ProjidxError(f"checkpoints {directory}: malformed {MANIFEST} ({one_line(e)!r})") from e

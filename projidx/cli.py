@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from projidx.diffusion import GRIDS, NOISE_POLICIES, SCHEDULES
-from projidx.errors import ProjidxError
-from projidx.featurize import PROJECTOR_CHOICES, FeaturizeConfig
+from projidx.errors import ProjidxError, one_line
+from projidx.featurization import PROJECTOR_CHOICES, FeaturizeConfig
 from projidx.scoring import METHODS
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
@@ -19,8 +19,12 @@ METHOD_HELP = ("matched (default on grid stores: mean over the grid of the cosin
                " (the paper's bias-corrected method), tracin (the paper's baseline), cosine (of the timestep means).")
 
 
+RESUME_HINT = "re-run the same command to resume (finished work is kept)"
+
+
 def _fail_cleanly(fn):
-    """Turn library errors (and the usual I/O ones) into a one-line message and exit status 1."""
+    """Turn library errors, OS errors (disk full, file too large, read-only file system, ...), memory exhaustion
+    and Ctrl-C into a one-line message and a non-zero exit status (1; 130 for Ctrl-C)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,8 +33,21 @@ def _fail_cleanly(fn):
         except ProjidxError as e:
             _close_progress_bars()
             raise click.ClickException(" ".join(str(e).split())) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            _close_progress_bars()
             raise click.ClickException(f"{e.strerror}: {e.filename}") from None
+        except OSError as e:
+            _close_progress_bars()
+            where = f": {e.filename}" if e.filename else ""
+            raise click.ClickException(f"{e.strerror or one_line(e)}{where}; fix that, then {RESUME_HINT}") from None
+        except MemoryError:
+            _close_progress_bars()
+            raise click.ClickException("out of memory: lower --batch-size, --chunk-rows or --proj-dim, then"
+                                       f" {RESUME_HINT}") from None
+        except KeyboardInterrupt:
+            _close_progress_bars()
+            click.echo(f"Error: interrupted; {RESUME_HINT}", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -78,8 +95,8 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
     """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
     from projidx.data import load_dataset
     from projidx.diffusion import NoiseSchedule
-    from projidx.train import TrainConfig
-    from projidx.train import train as run_train
+    from projidx.training import TrainConfig
+    from projidx.training import train as run_train
     from projidx.unet import UNetConfig
 
     config = TrainConfig(epochs=epochs, checkpoints=checkpoints, seed=seed, loss=loss, lr=lr,
@@ -118,15 +135,17 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
               help="Differentiate the training loss (the paper) or D-TRAK's mean squared model output.")
 @click.option("--train-draws", default=FEATURIZE.train_draws, show_default=True, type=click.IntRange(1),
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
+@click.option("--other-data", is_flag=True,
+              help="Replay mode: accept data that is not the set the checkpoints were trained on (warns).")
 @_fail_cleanly
 def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector, projection_seed,
-              noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws) -> None:
+              noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
     from projidx.checkpoints import load_checkpoint_dir
     from projidx.data import load_dataset
-    from projidx.featurize import featurize as run_featurize
+    from projidx.featurization import featurize as run_featurize
 
     _check_device(device)
     config = _flags(FeaturizeConfig, projector=projector, proj_dim=proj_dim, projection_seed=projection_seed,
@@ -136,7 +155,7 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, pr
     ckpts = load_checkpoint_dir(ckpt_dir)
     images = load_dataset(data)
     start = time.perf_counter()
-    fs = run_featurize(ckpts, images, store, config)
+    fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
     click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({fs.meta.train_timesteps},"
                f" {fs.meta.noise} noise) into {store} in {time.perf_counter() - start:.1f}s")
 
@@ -187,7 +206,7 @@ def index(store, method, factory) -> None:
 @_fail_cleanly
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, device) -> None:
     """Top-k influential training samples for each query image."""
-    from projidx.attribute import attribute, training_images
+    from projidx.attribution import attribute, training_images
     from projidx.data import load_dataset
     from projidx.scoring import default_method
     from projidx.store import FeatureStore
@@ -200,7 +219,9 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
         queries = queries.subset(slice(0, limit))
     result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
                        noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device)
-    Path(out).write_text(json.dumps(result.to_json(), indent=1))
+    from projidx.files import write_text_atomic
+
+    write_text_atomic(out, json.dumps(result.to_json(), indent=1))
     if png:
         from projidx.viz import attribution_grid
 
@@ -246,7 +267,7 @@ def info(store) -> None:
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
              min_near_top10, min_shift_top10) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
-    from projidx.attribute import store_checkpoints, store_dataset
+    from projidx.attribution import store_checkpoints, store_dataset
     from projidx.data import load_dataset
     from projidx.scoring import default_method
     from projidx.store import FeatureStore
@@ -263,7 +284,9 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
         cells = [f"{r['top1']:.2f} / {r['top10']:.2f} ({r['median_rank']:g})" for r in checks.values()]
         click.echo(f"{method:<9}" + "".join(f"{c:>24}" for c in cells))
     if out:
-        Path(out).write_text(json.dumps(report, indent=1))
+        from projidx.files import write_text_atomic
+
+        write_text_atomic(out, json.dumps(report, indent=1))
     wanted = {("self", "top1"): min_self_top1, ("near-copy", "top10"): min_near_top10,
               ("shift", "top10"): min_shift_top10}
     thresholds = {key: v for key, v in wanted.items() if v is not None}

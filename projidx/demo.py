@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from projidx.analysis import unique_ratio
-from projidx.attribute import attribute, training_images
+from projidx.attribution import attribute, training_images
 from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
 from projidx.data import load_dataset
 from projidx.errors import ProjidxError
-from projidx.featurize import FeaturizeConfig, featurize, featurize_queries
+from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
 from projidx.index import build_index
-from projidx.train import TrainConfig, train
+from projidx.training import TrainConfig, train
 from projidx.viz import attribution_grid
 
 DEMO_TRAIN = TrainConfig(epochs=30, checkpoints=4, seed=0, loss="mse", lr=1e-3, batch_size=64)

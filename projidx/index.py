@@ -8,6 +8,10 @@ aggregation folded in) go into a FAISS index made from an index-factory string (
 Without FAISS installed, "Flat" still works: the vectors are saved as ``<method>.npy`` and searched
 exactly with a torch matmul + top-k (on CPU that beats faiss-cpu's flat index). Any other factory
 string then fails with a clear error. FAISS's GPU is used only when ``faiss.get_num_gpus() > 0``.
+
+The sidecar records the index file's sha256, method, dimension, factory and the store's uuid and metadata
+digest; loading checks all of them, so an index file overwritten, edited or copied over another method's is
+refused. Index files and sidecars are written to a temporary name and renamed, under the store's writer lock.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import numpy as np
 import torch
 
 from projidx.errors import ProjidxError, one_line
+from projidx.files import atomic_path, file_sha256, write_text_atomic
 from projidx.scoring import check_method, train_vectors
-from projidx.store import FeatureStore
+from projidx.store import FeatureStore, WriterLock
 
 
 def faiss_module():
@@ -67,6 +72,15 @@ def _all_vectors(store: FeatureStore, method: str) -> np.ndarray:
 
 def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path:
     """Build and save the ``method`` index of a complete store; returns the index file's path."""
+    with WriterLock(store.path):
+        return _build_index_locked(store, method, factory)
+
+
+def _store_digest(store: FeatureStore) -> str | None:
+    return dict(store.group.attrs)["projidx"].get("digest")
+
+
+def _build_index_locked(store: FeatureStore, method: str, factory: str) -> Path:
     check_method(store, method)
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
@@ -87,7 +101,8 @@ def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path
     out.mkdir(exist_ok=True)
     if index is None:
         path, backend = out / f"{method}.npy", "torch"
-        np.save(path, vectors)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, vectors)
     else:
         try:
             if not index.is_trained:
@@ -96,10 +111,15 @@ def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path
         except RuntimeError as e:
             raise ProjidxError(f"FAISS could not build {factory!r} on {len(vectors)} vectors ({one_line(e)})") from e
         path, backend = out / f"{method}.faiss", "faiss"
-        faiss.write_index(index, str(path))
+        try:
+            with atomic_path(path) as tmp:
+                faiss.write_index(index, str(tmp))
+        except RuntimeError as e:
+            raise ProjidxError(f"FAISS could not write {path} ({one_line(e)})") from e
     sidecar = {"method": method, "factory": factory, "backend": backend, "store_uuid": store.uuid,
-               "n": store.meta.n, "dim": int(vectors.shape[1]), "file": path.name}
-    (out / f"{method}.json").write_text(json.dumps(sidecar, indent=2))
+               "store_digest": _store_digest(store), "n": store.meta.n, "dim": int(vectors.shape[1]),
+               "file": path.name, "sha256": file_sha256(path)}
+    write_text_atomic(out / f"{method}.json", json.dumps(sidecar, indent=2))
     return path
 
 
@@ -114,12 +134,20 @@ def load_index(store: FeatureStore, method: str, nprobe: int | None = None) -> S
     unreadable = f"the {method} index in {sidecar.parent} is unreadable; rebuild it with 'projidx index'"
     try:
         meta = json.loads(sidecar.read_text())
-        same_store = meta["store_uuid"] == store.uuid and meta["n"] == store.meta.n
+        same_store = meta["store_uuid"] == store.uuid and meta["n"] == store.meta.n \
+            and meta.get("store_digest") == _store_digest(store)
         path, backend, factory = sidecar.parent / meta["file"], meta["backend"], meta["factory"]
+        expected = (meta["method"], int(meta["dim"]), str(meta["sha256"]))
     except (ValueError, KeyError, TypeError) as e:
         raise ProjidxError(f"{unreadable} ({one_line(e)})") from e
     if not same_store:
-        raise ProjidxError(f"the {method} index in {sidecar.parent} was built from another store; rebuild it")
+        raise ProjidxError(f"the {method} index in {sidecar.parent} was built from another store; rebuild it with"
+                           f" 'projidx index --store {store.path} --method {method}'")
+    dim = store.meta.projector.proj_dim * len(store.meta.checkpoints)
+    if expected[0] != method or expected[1] != dim or Path(meta["file"]).name != meta["file"] \
+            or not path.is_file() or file_sha256(path) != expected[2]:
+        raise ProjidxError(f"the {method} index file {path} is not the one its sidecar records (overwritten, edited"
+                           f" or missing); rebuild it with 'projidx index --store {store.path} --method {method}'")
     ids = store.ids()
     faiss = faiss_module()
     if backend != "torch" and faiss is None:

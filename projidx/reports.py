@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from projidx import analysis, viz
-from projidx.attribute import attribute, store_checkpoints, store_dataset
+from projidx.attribution import attribute, store_checkpoints, store_dataset
 from projidx.data import ImageSet
-from projidx.featurize import featurize_queries
+from projidx.featurization import featurize_queries
 from projidx.store import FeatureStore
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from projidx.errors import ProjidxError
-from projidx.featurize import QueryFeatures
+from projidx.featurization import QueryFeatures
 from projidx.seeding import generator
 from projidx.store import FeatureStore
 

@@ -8,16 +8,29 @@ Layout (``c`` is a checkpoint id, N training samples, G stored gradients per sam
     STORE/norms/<c>        (N, G) float32             ||g||, exact, over all parameters, before projection
     STORE/mean_norms/<c>   (N,) float32               ||mean_G g||, exact (for cosine; = norms when G = 1)
     STORE/timesteps/<c>    (N, G) int32               the timestep of each stored gradient
-    STORE/done/<c>         (n_chunks,) bool           row-chunk i complete (set only after its data)
+    STORE/done/<c>         (n_chunks,) uint64         row-chunk i's record: 0 = not done, else a digest of the
+                                                      chunk's stored bytes with c and i (set after its data)
 
 The projected gradient is P g = features * norms; storing the direction and the exact norm apart keeps
 float16 features in range whatever the gradient scale. G = 1 in replay mode, K in grid mode. Every array
 is chunked along N only, with ``chunk_rows`` rows, and carries a crc32c checksum per chunk; float arrays
-are NaN-filled, so a corrupted, truncated or deleted chunk is detected on read and named.
+are NaN-filled, so a corrupted, truncated or deleted chunk is detected on read and named. The done record
+binds a chunk's content to its place (a chunk object copied into another row-chunk or checkpoint fails it),
+and the root metadata carries its own digest (an edited ``n`` or grid is refused). A new store is built under
+a temporary name and renamed into place, so an interrupted creation leaves nothing at the store's path; one
+writer at a time holds ``STORE.lock`` (:class:`WriterLock`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +44,8 @@ from projidx.diffusion import NoiseSchedule
 from projidx.errors import ProjidxError, one_line
 from projidx.projection import ProjectorSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: done records are content digests; the metadata carries a digest
+READABLE_VERSIONS = (1, 2)  # version 1 stores (bool done markers, no digests) are still read
 MODES = ("replay", "grid")
 
 
@@ -90,6 +104,16 @@ class StoreMeta:
 
     @classmethod
     def from_dict(cls, d: dict) -> StoreMeta:
+        """Parse the stored form; ProjidxError naming the field that is missing or malformed."""
+        try:
+            return cls._from_dict(d)
+        except KeyError as e:
+            raise ProjidxError(f"the store's metadata has no {e.args[0]!r} field") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ProjidxError(f"the store's metadata is malformed ({one_line(e)})") from e
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> StoreMeta:
         return cls(
             projector=ProjectorSpec.from_dict(d["projector"]),
             model_fingerprint=d["model_fingerprint"],
@@ -139,16 +163,47 @@ class StoreMeta:
         return ", ".join(differ) or None
 
 
-def _array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str, fill) -> None:
+def _array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill) -> None:
     group.create_array(
         name,
         shape=shape,
-        chunks=(chunk_rows, *shape[1:]),
+        chunks=chunks,
         dtype=dtype,
         fill_value=fill,
         serializer=BytesCodec(),
         compressors=[Crc32cCodec()],
+        overwrite=True,
     )
+
+
+def expected_arrays(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str, object]]:
+    """{array name: (shape, chunks, dtype, fill)} of a store with ``meta``: the layout in the module docstring."""
+    g, k, rows, n = meta.gradients_per_sample, meta.projector.proj_dim, meta.chunk_rows, meta.n
+    n_chunks = -(-n // rows)
+    out: dict[str, tuple[tuple[int, ...], tuple[int, ...], str, object]] = {"ids": ((n,), (rows,), "int64", -1)}
+    for cid in meta.checkpoint_ids:
+        out[f"features/{cid}"] = ((n, g, k), (rows, g, k), meta.projector.dtype, np.nan)
+        out[f"norms/{cid}"] = ((n, g), (rows, g), "float32", np.nan)
+        out[f"mean_norms/{cid}"] = ((n,), (rows,), "float32", np.nan)
+        out[f"timesteps/{cid}"] = ((n, g), (rows, g), "int32", -1)
+        out[f"done/{cid}"] = ((n_chunks,), (1,), "uint64", 0)
+    return out
+
+
+def meta_digest(attrs: dict) -> str:
+    """sha256 of the stored metadata (without its own ``digest`` field), canonical JSON."""
+    body = {key: value for key, value in attrs.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def chunk_digest(cid: str, chunk: int, arrays: list[np.ndarray]) -> int:
+    """A non-zero 64-bit digest of one row-chunk's stored bytes, bound to its checkpoint id and chunk index."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{cid}\0{chunk}\0".encode())
+    for a in arrays:
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return int.from_bytes(h.digest(), "little") or 1
 
 
 @dataclass
@@ -161,40 +216,79 @@ class Chunk:
     timesteps: np.ndarray  # (rows, G) int32
 
 
+class WriterLock:
+    """The one-writer guarantee: an exclusive advisory lock (``fcntl.flock``) on ``STORE.lock`` next to the store,
+    held by ``featurize`` and ``index`` for their whole run. A second writer gets a one-line refusal naming the
+    holder. The kernel drops the lock when its process ends, however it ends (kill -9 included)."""
+
+    def __init__(self, store_path: str | Path) -> None:
+        self.path = Path(store_path).with_name(Path(store_path).name + ".lock")
+        self._file = None
+
+    def __enter__(self) -> WriterLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ProjidxError(f"store {self.path.with_suffix('')} is being written by {holder}; wait for it to"
+                               " finish (or stop it), then re-run") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                f" ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:3]))} ...)")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.truncate(0)
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
 class FeatureStore:
     """A feature store on disk. Create with :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, path: Path, group: zarr.Group, meta: StoreMeta, uuid: str) -> None:
+    def __init__(self, path: Path, group: zarr.Group, meta: StoreMeta, uuid: str, version: int = FORMAT_VERSION):
         self.path = path
         self.group = group
         self.meta = meta
         self.uuid = uuid
+        self.version = version
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
+        """Build the store's skeleton under a temporary name next to ``path``, then rename it into place: an
+        interrupted creation leaves no store at ``path`` (its leftover is removed by the next :meth:`create`)."""
         path = Path(path)
         if path.exists():
             raise ProjidxError(f"store {path} already exists")
         if ids.shape != (meta.n,):
             raise ValueError("ids must have shape (n,)")
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         token = uuidlib.uuid4().hex
-        g, k, rows = meta.gradients_per_sample, meta.projector.proj_dim, meta.chunk_rows
-        n_chunks = -(-meta.n // rows)
-        _array(group, "ids", (meta.n,), rows, "int64", -1)
+        tmp = path.with_name(f".{path.name}.creating-{token}")
+        group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        for name, (shape, chunks, dtype, fill) in expected_arrays(meta).items():
+            _array(group, name, shape, chunks, dtype, fill)
         group["ids"][:] = ids.astype(np.int64)
-        for cid in meta.checkpoint_ids:
-            _array(group, f"features/{cid}", (meta.n, g, k), rows, meta.projector.dtype, np.nan)
-            _array(group, f"norms/{cid}", (meta.n, g), rows, "float32", np.nan)
-            _array(group, f"mean_norms/{cid}", (meta.n,), rows, "float32", np.nan)
-            _array(group, f"timesteps/{cid}", (meta.n, g), rows, "int32", -1)
-            _array(group, f"done/{cid}", (n_chunks,), 1, "bool", False)
-        group.attrs["projidx"] = {**meta.to_dict(), "uuid": token}
-        return cls(path, group, meta, token)
+        attrs = {**meta.to_dict(), "uuid": token}
+        group.attrs["projidx"] = {**attrs, "digest": meta_digest(attrs)}
+        os.rename(tmp, path)
+        return cls.open(path, mode="r+")
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+        """Open a store, checking its metadata digest and that every array has the shape, chunks and dtype the
+        metadata implies (ProjidxError naming what disagrees)."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise ProjidxError(f"store {path}: not a projidx store (no zarr.json)")
@@ -205,9 +299,66 @@ class FeatureStore:
             raise ProjidxError(f"store {path}: not a projidx store (no projidx metadata)") from e
         except Exception as e:
             raise ProjidxError(f"store {path}: cannot be opened ({one_line(e)})") from e
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise ProjidxError(f"store {path}: format version {attrs.get('format_version')} (this is {FORMAT_VERSION})")
-        return cls(path, group, StoreMeta.from_dict(attrs), attrs["uuid"])
+        if not isinstance(attrs, dict) or attrs.get("format_version") not in READABLE_VERSIONS:
+            version = attrs.get("format_version") if isinstance(attrs, dict) else None
+            raise ProjidxError(f"store {path}: format version {version} (this is {FORMAT_VERSION})")
+        version = int(attrs["format_version"])
+        if version >= 2 and attrs.get("digest") != meta_digest(attrs):
+            raise ProjidxError(f"store {path}: its metadata does not match its digest (edited?); it cannot be trusted:"
+                               f" delete it ('rm -r {path}') and re-run 'projidx featurize'")
+        if "uuid" not in attrs:
+            raise ProjidxError(f"store {path}: the store's metadata has no 'uuid' field")
+        try:
+            meta = StoreMeta.from_dict(attrs)
+        except ProjidxError as e:
+            raise ProjidxError(f"store {path}: {e}") from e
+        return cls(path, group, meta, attrs["uuid"], version)
+
+    def damaged_arrays(self) -> dict[str, str]:
+        """{array name: what is wrong} for every array missing, unreadable, or not of the shape, chunks and dtype
+        the metadata implies; {} for a sound store. Version 1 stores have bool done markers."""
+        out = {}
+        for name, (shape, chunks, dtype, _) in expected_arrays(self.meta).items():
+            if self.version == 1 and name.startswith("done/"):
+                dtype = "bool"
+            try:
+                a = self.group[name]
+                got = (tuple(a.shape), tuple(a.chunks), str(a.dtype))
+            except Exception as e:
+                out[name] = f"unreadable ({one_line(e)})"
+                continue
+            if got != (shape, chunks, str(np.dtype(dtype))):
+                out[name] = f"shape {got[0]}, chunks {got[1]}, dtype {got[2]}; expected {shape}, {chunks}, {dtype}"
+        return out
+
+    def check_arrays(self) -> None:
+        """ProjidxError naming the first damaged array (see :meth:`damaged_arrays`)."""
+        damaged = self.damaged_arrays()
+        if damaged:
+            name, what = next(iter(damaged.items()))
+            raise ProjidxError(f"store {self.path}: array {name} is damaged: {what}; re-run 'projidx featurize' to"
+                               " rebuild it")
+
+    def repair(self, ids: np.ndarray) -> list[str]:
+        """Writer-side repair (``featurize``): recreate every damaged array empty from the recorded metadata and
+        rewrite ``ids`` if they differ from ``ids``. Chunks whose data was lost fail their done record and are
+        recomputed. Returns what was repaired, in words."""
+        repaired = []
+        for name, what in self.damaged_arrays().items():
+            if self.version == 1:
+                raise ProjidxError(f"store {self.path}: array {name} is damaged: {what}; this version-1 store cannot"
+                                   f" be repaired: delete it ('rm -r {self.path}') and re-run 'projidx featurize'")
+            shape, chunks, dtype, fill = expected_arrays(self.meta)[name]
+            _array(self.group, name, shape, chunks, dtype, fill)
+            repaired.append(f"{name} ({what})")
+        try:
+            stored = np.asarray(self.group["ids"][:])
+        except Exception:
+            stored = None
+        if stored is None or not np.array_equal(stored, ids):
+            self.group["ids"][:] = ids.astype(np.int64)
+            repaired.append("ids")
+        return repaired
 
     # ---- geometry --------------------------------------------------------------------------------
     @property
@@ -223,9 +374,11 @@ class FeatureStore:
         try:
             ids = np.asarray(self.group["ids"][:])
         except Exception as e:
-            raise ProjidxError(f"store {self.path}: the ids array is corrupted ({one_line(e)})") from e
-        if (ids < 0).any():
-            raise ProjidxError(f"store {self.path}: the ids array is missing chunks")
+            raise ProjidxError(f"store {self.path}: the ids array is corrupted ({one_line(e)}); re-run"
+                               " 'projidx featurize' to rewrite it") from e
+        if ids.shape != (self.meta.n,) or (ids < 0).any():
+            raise ProjidxError(f"store {self.path}: the ids array is missing chunks; re-run 'projidx featurize' to"
+                               " rewrite it")
         return ids
 
     def weights(self) -> list[float]:
@@ -233,70 +386,90 @@ class FeatureStore:
 
     # ---- writing ---------------------------------------------------------------------------------
     def write_chunk(self, cid: str, chunk: int, data: Chunk) -> None:
-        """Write one row-chunk's arrays, then (only then) mark it done."""
+        """Write one row-chunk's arrays, then (only then) its done record: the digest of what was written."""
         rows = self.rows(chunk)
-        self.group[f"features/{cid}"][rows] = data.features.astype(self.meta.projector.dtype)
-        self.group[f"norms/{cid}"][rows] = data.norms.astype(np.float32)
-        self.group[f"mean_norms/{cid}"][rows] = data.mean_norms.astype(np.float32)
-        self.group[f"timesteps/{cid}"][rows] = data.timesteps.astype(np.int32)
-        self.group[f"done/{cid}"][chunk] = True
+        stored = self._as_stored(data)
+        for name, values in zip(("features", "norms", "mean_norms", "timesteps"), stored, strict=True):
+            self.group[f"{name}/{cid}"][rows] = values
+        self.group[f"done/{cid}"][chunk] = chunk_digest(cid, chunk, stored) if self.version >= 2 else True
+
+    def _as_stored(self, data: Chunk) -> list[np.ndarray]:
+        return [data.features.astype(self.meta.projector.dtype), data.norms.astype(np.float32),
+                data.mean_norms.astype(np.float32), data.timesteps.astype(np.int32)]
 
     def mark_undone(self, cid: str, chunk: int) -> None:
-        self.group[f"done/{cid}"][chunk] = False
+        self.group[f"done/{cid}"][chunk] = 0
 
     # ---- reading ---------------------------------------------------------------------------------
-    def done(self, cid: str) -> np.ndarray:
-        """(n_chunks,) bool done markers of checkpoint ``cid``; ProjidxError if they cannot be read."""
+    def _records(self, cid: str, unreadable_as_undone: bool = False) -> np.ndarray:
+        """(n_chunks,) uint64 done records of ``cid`` (bool markers of version 1 as 0/1). An unreadable record is
+        an error, or 0 (not done) when ``unreadable_as_undone`` (featurize then recomputes that chunk)."""
+        array = self.group[f"done/{cid}"]
         try:
-            return np.asarray(self.group[f"done/{cid}"][:], dtype=bool)
+            return np.asarray(array[:]).astype(np.uint64)
         except Exception as e:
-            raise ProjidxError(f"store {self.path}: the done markers of checkpoint {cid} are unreadable "
-                               f"({one_line(e)}); re-run 'projidx featurize'") from e
+            if not unreadable_as_undone:
+                raise ProjidxError(f"store {self.path}: the done records of checkpoint {cid} are unreadable "
+                                   f"({one_line(e)}); re-run 'projidx featurize' to repair them") from e
+        out = np.zeros(self.n_chunks, np.uint64)
+        for i in range(self.n_chunks):
+            try:
+                out[i] = int(array[i])
+            except Exception:
+                out[i] = 0
+        return out
+
+    def done(self, cid: str, unreadable_as_undone: bool = False) -> np.ndarray:
+        """(n_chunks,) bool: row-chunk i of ``cid`` has a done record (see :meth:`_records`)."""
+        try:
+            return self._records(cid, unreadable_as_undone) != 0
+        except ProjidxError:
+            raise
+        except Exception as e:
+            raise ProjidxError(f"store {self.path}: the done records of checkpoint {cid} are unreadable "
+                               f"({one_line(e)}); re-run 'projidx featurize' to repair them") from e
 
     def is_complete(self) -> bool:
         return all(self.done(cid).all() for cid in self.meta.checkpoint_ids)
 
-    def read_chunk(self, cid: str, chunk: int) -> Chunk:
-        """Read and validate one row-chunk; raises ProjidxError naming it if it is incomplete or corrupted."""
+    def read_chunk(self, cid: str, chunk: int, record: int | None = None) -> Chunk:
+        """Read and validate one row-chunk against its done record; raises ProjidxError naming it if it is
+        incomplete, corrupted, or not the content its record was made for."""
         rows = self.rows(chunk)
         where = f"store {self.path}: checkpoint {cid}, rows {rows.start}-{rows.stop - 1} (chunk {chunk})"
-        if not self.done(cid)[chunk]:
+        if record is None:
+            record = int(self._records(cid)[chunk])
+        if not record:
             raise ProjidxError(f"{where} is not featurized yet; run 'projidx featurize' on this store")
         try:
-            data = Chunk(
-                features=np.asarray(self.group[f"features/{cid}"][rows], dtype=np.float32),
-                norms=np.asarray(self.group[f"norms/{cid}"][rows]),
-                mean_norms=np.asarray(self.group[f"mean_norms/{cid}"][rows]),
-                timesteps=np.asarray(self.group[f"timesteps/{cid}"][rows]),
-            )
+            stored = [np.asarray(self.group[f"{name}/{cid}"][rows])
+                      for name in ("features", "norms", "mean_norms", "timesteps")]
         except Exception as e:
             raise ProjidxError(
                 f"{where} is corrupted ({type(e).__name__}: {one_line(e)}); re-run 'projidx featurize' to recompute it"
             ) from e
+        if self.version >= 2 and chunk_digest(cid, chunk, stored) != record:
+            raise ProjidxError(f"{where} does not match its done record (moved, replaced or edited); re-run"
+                               " 'projidx featurize' to recompute it")
+        data = Chunk(features=stored[0].astype(np.float32), norms=stored[1], mean_norms=stored[2],
+                     timesteps=stored[3])
         finite = np.isfinite(data.features).all() and np.isfinite(data.norms).all()
         if not finite or not np.isfinite(data.mean_norms).all() or (data.timesteps < 0).any():
             raise ProjidxError(f"{where} is missing or truncated; re-run 'projidx featurize' to recompute it")
         return data
 
     def norms(self, cid: str) -> tuple[np.ndarray, np.ndarray]:
-        """(N, G) exact gradient norms and (N, G) their timesteps at ``cid``, without reading the features;
-        ProjidxError if the checkpoint is not completely featurized or the arrays are damaged."""
+        """(N, G) exact gradient norms and (N, G) their timesteps at ``cid`` (every chunk validated against its
+        done record); ProjidxError if the checkpoint is not completely featurized or the arrays are damaged."""
         if not self.done(cid).all():
             raise ProjidxError(f"store {self.path}: checkpoint {cid} is not completely featurized")
-        try:
-            norms = np.asarray(self.group[f"norms/{cid}"][:])
-            times = np.asarray(self.group[f"timesteps/{cid}"][:])
-        except Exception as e:
-            raise ProjidxError(f"store {self.path}: the norms of checkpoint {cid} are corrupted ({one_line(e)});"
-                               " re-run 'projidx featurize' to recompute them") from e
-        if not np.isfinite(norms).all() or (times < 0).any():
-            raise ProjidxError(f"store {self.path}: the norms of checkpoint {cid} are missing or truncated;"
-                               " re-run 'projidx featurize' to recompute them")
-        return norms, times
+        parts = [self.read_chunk(cid, i) for i in range(self.n_chunks)]
+        return np.concatenate([p.norms for p in parts]), np.concatenate([p.timesteps for p in parts])
 
     def chunks(self, cid: str) -> Iterator[tuple[slice, Chunk]]:
+        records = self._records(cid)
         for chunk in range(self.n_chunks):
-            yield self.rows(chunk), self.read_chunk(cid, chunk)
+            yield self.rows(chunk), self.read_chunk(cid, chunk, int(records[chunk]))
 
     def nbytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

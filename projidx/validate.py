@@ -15,7 +15,7 @@ import torch
 from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet
 from projidx.errors import ProjidxError
-from projidx.featurize import featurize_queries
+from projidx.featurization import featurize_queries
 from projidx.scoring import METHODS, query_vectors, source_ranks
 from projidx.store import FeatureStore
 

@@ -11,7 +11,7 @@ import torch
 from projidx.checkpoints import CheckpointSet
 from projidx.data import ImageSet, load_dataset
 from projidx.diffusion import NoiseSchedule
-from projidx.train import TrainConfig, train
+from projidx.training import TrainConfig, train
 from projidx.unet import UNetConfig
 
 TINY_UNET = UNetConfig(channels=1, base=8, mults=(1, 2), time_dim=16, groups=4)

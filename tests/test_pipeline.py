@@ -11,15 +11,15 @@ import torch
 from projidx.checkpoints import load_checkpoint_dir
 from projidx.data import from_arrays
 from projidx.diffusion import QUERY_NOISE, TRAIN_NOISE, diffusion_loss, noise_for, timestep_grid
-from projidx.featurize import FeaturizeConfig, featurize, featurize_queries
+from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
 from projidx.index import build_index, load_index
 from projidx.scoring import METHODS, exact_scores, exact_topk, query_vectors
 from projidx.store import FeatureStore
-from projidx.train import TrainConfig, train
+from projidx.training import TrainConfig, train
 from tests.conftest import TINY_TRAIN, TINY_UNET
 
 index_module = importlib.import_module("projidx.index")  # the modules, not the functions projidx exports
-train_module = importlib.import_module("projidx.train")
+train_module = importlib.import_module("projidx.training")
 
 SEED = 5
 S, R, K = 3, 2, 3
@@ -82,7 +82,7 @@ def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tin
     config = FeaturizeConfig(projector="identity", projection_seed=SEED + 1, noise_seed=SEED, noise=policy,
                              dtype="float32", train_timesteps=mode, timesteps=K, batch_size=7, chunk_rows=5,
                              train_draws=draws)
-    store = featurize(tiny_ckpts, data, tmp_path / "s.zarr", config, progress=False)
+    store = featurize(tiny_ckpts, data, tmp_path / "s.zarr", config, progress=False, allow_other_data=True)
     # grid stores: the queries at the store's grid (K midpoints), which matched needs; replay: the paper's grid of S
     qf = featurize_queries(store, tiny_ckpts, queries, query_timesteps=S if mode == "replay" else None,
                            noise_draws=R, batch_size=5, progress=False)

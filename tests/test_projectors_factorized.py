@@ -9,7 +9,7 @@ from torch import nn
 
 from projidx.diffusion import NoiseSchedule
 from projidx.factorized import FactorizedGradients, LayerFactors, layer_sq_norms, project_capture
-from projidx.featurize import FeaturizeConfig, featurize, resolve_projector
+from projidx.featurization import FeaturizeConfig, featurize, resolve_projector
 from projidx.grads import GradientComputer, parameter_shapes
 from projidx.projection import ProjectorSpec, make_projector
 
@@ -125,9 +125,9 @@ def test_featurize_factorized_matches_projecting_full_gradients(tmp_path, tiny_c
     base = dict(proj_dim=64, projection_seed=2, noise_seed=2, dtype="float32", train_timesteps=mode, timesteps=3,
                 batch_size=6, chunk_rows=4)
     fact = featurize(tiny_ckpts, data, tmp_path / "f.zarr", FeaturizeConfig(projector="factorized", **base),
-                     progress=False)
+                     progress=False, allow_other_data=True)
     exact = featurize(tiny_ckpts, data, tmp_path / "e.zarr", FeaturizeConfig(projector="identity", **base),
-                      progress=False)
+                      progress=False, allow_other_data=True)
     proj = make_projector(fact.meta.projector)
     shapes = fact.meta.projector.param_shapes
     for cid in fact.meta.checkpoint_ids:

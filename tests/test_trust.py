@@ -12,7 +12,7 @@ from projidx.analysis import unique_ratio
 from projidx.checkpoints import CheckpointSet
 from projidx.diffusion import QUERY_NOISE, TRAIN_NOISE, NoiseSchedule, noise_for, timestep_grid
 from projidx.errors import ProjidxError
-from projidx.featurize import FeaturizeConfig, featurize, featurize_queries
+from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
 from projidx.scoring import exact_scores, matched_vectors, query_vectors, side_vectors, source_ranks
 from projidx.store import StoreMeta
 from projidx.validate import check_queries, failures, shift_one_pixel, validate_store
@@ -44,7 +44,7 @@ def test_per_sample_noise_differs_by_sample_and_side():
 
 def test_stores_written_before_the_policy_read_as_per_sample(tmp_path, tiny_ckpts, tiny_data):
     store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 8)), tmp_path / "s.zarr",
-                      FeaturizeConfig(proj_dim=16, train_timesteps="replay"), progress=False)
+                      FeaturizeConfig(proj_dim=16, train_timesteps="replay"), progress=False, allow_other_data=True)
     d = store.meta.to_dict()
     assert d["noise"] == "shared"
     del d["noise"]
@@ -119,7 +119,7 @@ def test_matched_estimates_the_mean_cosine_without_bias():
 def test_matched_needs_a_grid_store_and_its_grid(tmp_path, tiny_ckpts, tiny_data, tiny_queries):
     data = tiny_data.subset(slice(0, 8))
     replay = featurize(tiny_ckpts, data, tmp_path / "r.zarr", FeaturizeConfig(proj_dim=16, train_timesteps="replay"),
-                       progress=False)
+                       progress=False, allow_other_data=True)
     qf = featurize_queries(replay, tiny_ckpts, tiny_queries, 3, 1, progress=False)
     with pytest.raises(ProjidxError, match="grid-mode store"):
         query_vectors(replay, qf, "matched")

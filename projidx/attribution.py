@@ -13,7 +13,7 @@ import numpy as np
 from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
 from projidx.data import ImageSet, load_dataset
 from projidx.errors import ProjidxError
-from projidx.featurize import QueryFeatures, featurize_queries
+from projidx.featurization import QueryFeatures, featurize_queries
 from projidx.index import load_index
 from projidx.scoring import check_method, exact_topk, query_vectors
 from projidx.store import FeatureStore
@@ -62,7 +62,7 @@ def attribute(
     device: str = "cpu",
 ) -> Attribution:
     """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index).
-    ``query_timesteps`` and ``noise_draws`` default as :func:`projidx.featurize.query_defaults` says."""
+    ``query_timesteps`` and ``noise_draws`` default as :func:`projidx.featurization.query_defaults` says."""
     check_method(store, method)
     index = None if exact else load_index(store, method, nprobe=nprobe)  # fail before featurizing
     if isinstance(queries, ImageSet):

@@ -15,6 +15,7 @@ sides never share a noise). Results do not depend on batch size, chunking, order
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from projidx.checkpoints import CheckpointSet
+from projidx.checkpoints import CheckpointSet, check_blob
 from projidx.data import ImageSet
 from projidx.diffusion import (
     GRIDS,
@@ -39,7 +40,7 @@ from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
 from projidx.grads import GradientComputer, model_fingerprint, parameter_shapes
 from projidx.projection import KINDS, Projector, ProjectorSpec, make_projector
-from projidx.store import MODES, Chunk, FeatureStore, StoreMeta
+from projidx.store import MODES, Chunk, FeatureStore, StoreMeta, WriterLock
 
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector (the CLI's choices)
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
@@ -199,7 +200,8 @@ def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, confi
 
 
 def open_or_create(path: Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
-    """Create the store, or open an existing one after checking that it was made from the same inputs."""
+    """Create the store, or open an existing one after checking that it was made from the same inputs and
+    repairing what a re-run can repair (damaged array metadata, ids; see :meth:`FeatureStore.repair`)."""
     if not path.exists():
         return FeatureStore.create(path, meta, ids)
     store = FeatureStore.open(path, mode="r+")
@@ -208,6 +210,7 @@ def open_or_create(path: Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore
         raise ProjidxError(
             f"store {path} was written with a different {diff}; refusing to mix them (use a new --store path)"
         )
+    store.repair(ids)
     return store
 
 
@@ -218,17 +221,28 @@ def featurize(
     config: FeaturizeConfig = FeaturizeConfig(),
     progress: bool = True,
     on_chunk: Callable[[str, int], None] | None = None,
+    allow_other_data: bool = False,
 ) -> FeatureStore:
     """Featurize ``data`` at every checkpoint into the store at ``store_path`` (created or resumed).
 
-    Chunks already done (and readable) are skipped; corrupted ones are recomputed. ``on_chunk(cid, i)``
-    is called after each chunk is written.
+    Chunks already done (and matching their done records) are skipped; damaged ones are recomputed, damaged
+    array metadata and ids are repaired. One writer at a time (:class:`WriterLock`). ``on_chunk(cid, i)`` is
+    called after each chunk is written. In replay mode ``data`` must be the data the checkpoints were trained on
+    (the manifest's dataset fingerprint), unless ``allow_other_data`` (then a warning is printed).
     """
     if data.image_shape != tuple(ckpts.image_shape):
         raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
-    blobs = [c.load() for c in ckpts.checkpoints]  # validates every checkpoint before anything is written
+    # every checkpoint is loaded and validated before anything is written
+    blobs = [check_blob(c.load(), c.id, ckpts.schedule.T) for c in ckpts.checkpoints]
     if config.train_timesteps == "auto":
         config = replace(config, train_timesteps="replay" if "replay_ids" in blobs[0] else "grid")
+    trained_on = ckpts.dataset.get("fingerprint")
+    if config.train_timesteps == "replay" and trained_on and trained_on != data.fingerprint():
+        message = (f"data {data.name} is not the data the checkpoints were trained on (its fingerprint differs from"
+                   " the manifest's): replayed timesteps would be attributed to the wrong images")
+        if not allow_other_data:
+            raise ProjidxError(message + "; pass the training data, use --train-timesteps grid, or --other-data")
+        warnings.warn(message, stacklevel=2)
     spec = projector_spec(ckpts, config)
     meta = _store_meta(ckpts, data, spec, config)
     replays = [replay_timesteps(b, data.ids, c.id) for b, c in zip(blobs, ckpts.checkpoints, strict=True)] \
@@ -238,7 +252,41 @@ def featurize(
         computer.load_state_dict(blobs[0]["state_dict"])
     except RuntimeError as e:
         raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {one_line(e)}") from e
-    store = open_or_create(Path(store_path), meta, data.ids.numpy())
+    check_memory(spec, config, meta.gradients_per_sample)
+    with WriterLock(store_path):
+        return _featurize_locked(ckpts, data, Path(store_path), config, meta, spec, blobs, replays, computer,
+                                 progress, on_chunk)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(spec: ProjectorSpec, config: FeaturizeConfig, gradients_per_sample: int) -> None:
+    """ProjidxError (before anything is written) when one row-chunk's features and one batch of per-sample
+    gradients would not fit in the memory available, naming the flags to lower."""
+    k, p = spec.proj_dim, spec.input_dim
+    chunk = config.chunk_rows * gradients_per_sample * k * (8 + np.dtype(config.dtype).itemsize)
+    batch = config.batch_size * (2 * p + 2 * k) * 4
+    available = available_memory()
+    if available is not None and chunk + batch > available:
+        raise ProjidxError(
+            f"--chunk-rows {config.chunk_rows} x --proj-dim {k} x {gradients_per_sample} gradients per sample and"
+            f" --batch-size {config.batch_size} x {p} parameters need about {(chunk + batch) / 2**30:.1f} GiB,"
+            f" {available / 2**30:.1f} GiB is available: lower --chunk-rows, --proj-dim or --batch-size")
+
+
+def _featurize_locked(ckpts, data, store_path, config, meta, spec, blobs, replays, computer, progress, on_chunk):
+    """The writing part of :func:`featurize`, run while holding the store's writer lock."""
+    store = open_or_create(store_path, meta, data.ids.numpy())
     projector = make_projector(spec, config.device)
     noise = NoiseDraws(config.noise, config.noise_seed, TRAIN_NOISE, config.train_draws)
     todo = [(c, i) for c, cid in enumerate(meta.checkpoint_ids) for i in _pending(store, cid)]
@@ -263,12 +311,13 @@ def featurize(
 
 
 def _pending(store: FeatureStore, cid: str) -> list[int]:
-    """Chunks of ``cid`` to compute: not done, or done but failing validation (then un-marked)."""
+    """Chunks of ``cid`` to compute: not done (an unreadable done record counts as not done), or done but
+    failing validation against the record (then un-marked)."""
     pending = []
-    for i, done in enumerate(store.done(cid)):
-        if done:
+    for i, record in enumerate(store._records(cid, unreadable_as_undone=True)):
+        if record:
             try:
-                store.read_chunk(cid, i)
+                store.read_chunk(cid, i, int(record))
                 continue
             except ProjidxError:
                 store.mark_undone(cid, i)
@@ -419,7 +468,7 @@ def featurize_queries(
     bar = tqdm(total=len(ckpts.checkpoints) * len(queries), desc="query features", unit="gradient set",
                disable=not progress)
     for c, ckpt in enumerate(ckpts.checkpoints):
-        computer.load_state_dict(ckpt.load()["state_dict"])
+        computer.load_state_dict(check_blob(ckpt.load(), ckpt.id, meta.schedule.T)["state_dict"])
         parts = []
         for block in range(0, len(queries), per_block):
             rows = slice(block, min(block + per_block, len(queries)))
