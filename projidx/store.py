@@ -287,8 +287,8 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
-        """Open a store, checking its metadata digest and that every array has the shape, chunks and dtype the
-        metadata implies (ProjidxError naming what disagrees)."""
+        """Open a store, checking its metadata digest and (read-only opens) that every array has the shape, chunks
+        and dtype the metadata implies (ProjidxError naming what disagrees)."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise ProjidxError(f"store {path}: not a projidx store (no zarr.json)")
@@ -312,7 +312,10 @@ class FeatureStore:
             meta = StoreMeta.from_dict(attrs)
         except ProjidxError as e:
             raise ProjidxError(f"store {path}: {e}") from e
-        return cls(path, group, meta, attrs["uuid"], version)
+        store = cls(path, group, meta, attrs["uuid"], version)
+        if mode == "r":  # a writer (featurize) opens "r+" and repairs instead
+            store.check_arrays()
+        return store
 
     def damaged_arrays(self) -> dict[str, str]:
         """{array name: what is wrong} for every array missing, unreadable, or not of the shape, chunks and dtype
