@@ -60,6 +60,7 @@ def attribute(
     progress: bool = False,
     nprobe: int | None = None,
     device: str = "cpu",
+    rerank: int | None = None,
 ) -> Attribution:
     """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index).
     ``query_timesteps`` and ``noise_draws`` default as :func:`projidx.featurization.query_defaults` says."""
@@ -72,7 +73,7 @@ def attribute(
     if exact:
         scores, ids = exact_topk(store, qv, method, top_k)
     else:
-        scores, ids = index.search(qv, top_k)
+        scores, ids = index.search(qv, top_k, rerank=rerank)
     return Attribution(method, top_k, queries.ids, ids, scores)
 
 

@@ -174,17 +174,32 @@ def _flags(cls, **values):
 @main.command()
 @click.option("--store", required=True, type=click.Path(), help="A featurized store.")
 @click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
-@click.option("--factory", default="Flat", show_default=True, help="FAISS index-factory string.")
+@click.option("--factory", default="Flat", show_default=True,
+              help="FAISS index-factory string: Flat, IVF1024,Flat, IVF1024,SQfp16, HNSW32, IVF1024,PQ64, ...")
+@click.option("--index-dim", type=click.IntRange(1), default=None,
+              help="Second seeded JL over the checkpoint concatenation to this dimension [default: off, C x k].")
+@click.option("--on-disk", is_flag=True, help="IVF only: inverted lists in a file next to the index, memory-mapped.")
+@click.option("--nprobe", type=click.IntRange(1), default=None,
+              help="IVF lists a query visits by default (recorded; query --nprobe overrides) [default: 1].")
+@click.option("--train-rows", default=100_000, show_default=True, type=click.IntRange(1),
+              help="Rows sampled (seeded) to train an index that needs training.")
+@click.option("--recall-queries", default=100, show_default=True, type=click.IntRange(1),
+              help="Store rows used as queries for the recall@10 report.")
 @_fail_cleanly
-def index(store, method, factory) -> None:
-    """Build a top-k index whose inner product is the method's score."""
-    from projidx.index import build_index
+def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall_queries) -> None:
+    """Build a top-k index whose inner product is the method's score (streamed, with a recall report)."""
+    from projidx.index import IndexConfig, build_index, read_sidecar
     from projidx.scoring import default_method
     from projidx.store import FeatureStore
 
     fs = FeatureStore.open(store)
-    path = build_index(fs, method or default_method(fs), factory)
-    click.echo(f"wrote {path}")
+    method = method or default_method(fs)
+    config = _flags(IndexConfig, factory=factory, index_dim=index_dim, on_disk=on_disk, nprobe=nprobe,
+                    train_rows=train_rows, recall_queries=recall_queries)
+    path = build_index(fs, method, config)
+    recall = read_sidecar(fs, method)[0]["recall"]
+    click.echo(f"wrote {path} (recall@{recall['k']} vs the exact scan: {recall['recall_at_10']:.3f} over"
+               f" {recall['queries']} store rows as queries)")
 
 
 @main.command()
@@ -201,10 +216,14 @@ def index(store, method, factory) -> None:
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid.")
 @click.option("--exact", is_flag=True, help="Exact streaming scan of the store instead of the index.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N query images.")
-@click.option("--nprobe", type=click.IntRange(1), default=None, help="IVF lists to visit (IVF indices).")
+@click.option("--nprobe", type=click.IntRange(1), default=None,
+              help="IVF lists to visit [default: the index's recorded nprobe].")
+@click.option("--rerank", type=click.IntRange(1), default=None,
+              help="Take this many candidates from the index and order them by their exact scores from the store.")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
 @_fail_cleanly
-def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, device) -> None:
+def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
+          device) -> None:
     """Top-k influential training samples for each query image."""
     from projidx.attribution import attribute, training_images
     from projidx.data import load_dataset
@@ -218,7 +237,7 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     if limit is not None:
         queries = queries.subset(slice(0, limit))
     result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
-                       noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device)
+                       noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device, rerank=rerank)
     from projidx.files import write_text_atomic
 
     write_text_atomic(out, json.dumps(result.to_json(), indent=1))
@@ -242,7 +261,23 @@ def info(store) -> None:
     meta.pop("projector")
     done = {cid: f"{int(fs.done(cid).sum())}/{fs.n_chunks}" for cid in fs.meta.checkpoint_ids}
     click.echo(json.dumps({"projector": fs.meta.projector.describe(), "chunks_done": done,
-                           "bytes_on_disk": fs.nbytes_on_disk(), **meta}, indent=2))
+                           "bytes_on_disk": fs.nbytes_on_disk(), "indices": _indices(fs), **meta}, indent=2))
+
+
+def _indices(fs) -> dict:
+    """{method: factory, dimension, recall report} of each index built over the store (or why it is unusable)."""
+    from projidx.index import index_dir, read_sidecar
+
+    out = {}
+    for sidecar in sorted(index_dir(fs).glob("*.json")):
+        try:
+            meta = read_sidecar(fs, sidecar.stem)[0]
+        except ProjidxError as e:
+            out[sidecar.stem] = {"error": str(e)}
+            continue
+        out[sidecar.stem] = {"factory": meta["factory"], "dim": meta["dim"], "recall": meta.get("recall"),
+                             "on_disk": bool(meta.get("lists_file"))}
+    return out
 
 
 @main.command()

@@ -1,13 +1,22 @@
 """Top-k indices over a store, built so that inner product equals a method's score.
 
-The training vectors of :mod:`projidx.scoring` (checkpoint weights, normalization and timestep
-aggregation folded in) go into a FAISS index made from an index-factory string ("Flat", "IVF256,Flat",
-"HNSW32", "IVF256,PQ32", ...) with the inner-product metric. Indices live next to the store, in
+The training vectors of :mod:`projidx.scoring` (checkpoint weights, normalization and timestep aggregation folded
+in) go into a FAISS index made from an index-factory string ("Flat", "IVF1024,Flat", "IVF1024,SQfp16", "HNSW32",
+"IVF1024,PQ64", ...) with the inner-product metric. Indices live next to the store, in
 ``STORE.index/<method>.faiss`` with a JSON sidecar tying them to the store they came from.
 
-Without FAISS installed, "Flat" still works: the vectors are saved as ``<method>.npy`` and searched
-exactly with a torch matmul + top-k (on CPU that beats faiss-cpu's flat index). Any other factory
-string then fails with a clear error. FAISS's GPU is used only when ``faiss.get_num_gpus() > 0``.
+Built in bounded memory: an index that needs training is trained on a seeded sample of rows, then filled one
+row-chunk at a time, so the peak is about the index's own size plus one chunk. ``on_disk`` (IVF indices) fills
+shards of the trained index, merges them into inverted lists in a file next to the index
+(``<method>.<token>.ivfdata``, FAISS's ``OnDiskInvertedLists``) and memory-maps them when searching: the lists never
+need to fit in RAM. ``index_dim`` d applies a second seeded JL (a count sketch) to the concatenation over
+checkpoints, so the index dimension is d whatever the number of checkpoints (queries get the same sketch). Every
+index gets a recall@10 report against the exact scan, stored in its sidecar; ``SearchIndex.search(rerank=R)``
+re-scores R candidates exactly from the store.
+
+Without FAISS installed, "Flat" still works: the vectors are written chunk by chunk to ``<method>.npy`` and
+searched exactly with a torch matmul + top-k. Any other factory string then fails with a clear error. FAISS's GPU
+is used only when ``faiss.get_num_gpus() > 0``.
 
 The sidecar records the index file's sha256, method, dimension, factory and the store's uuid and metadata
 digest; loading checks all of them, so an index file overwritten, edited or copied over another method's is
@@ -17,7 +26,11 @@ refused. Index files and sidecars are written to a temporary name and renamed, u
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+import tempfile
+import uuid as uuidlib
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +38,11 @@ import torch
 
 from projidx.errors import ProjidxError, one_line
 from projidx.files import atomic_path, file_sha256, write_text_atomic
-from projidx.scoring import check_method, train_vectors
+from projidx.scoring import check_method, chunk_vectors, exact_topk, rescore
+from projidx.seeding import generator
 from projidx.store import FeatureStore, WriterLock
+
+RECALL_K = 10
 
 
 def faiss_module():
@@ -42,127 +58,302 @@ def index_dir(store: FeatureStore) -> Path:
     return store.path.with_name(store.path.name + ".index")
 
 
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index is built. ``factory``: a FAISS index-factory string. ``index_dim``: the dimension of the second
+    JL (None: the full C x k). ``train_rows``: rows sampled (seeded) to train an index that needs training.
+    ``on_disk``: IVF inverted lists in a file, memory-mapped. ``nprobe``: the IVF lists a query visits unless
+    told otherwise (None: FAISS's 1). ``recall_queries``: store rows used as queries for the recall report."""
+
+    factory: str = "Flat"
+    index_dim: int | None = None
+    train_rows: int = 100_000
+    on_disk: bool = False
+    nprobe: int | None = None
+    recall_queries: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_rows", "recall_queries"):
+            if getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("index_dim", "nprobe"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """The second JL of ``index_dim``: a count sketch from d_in to d_out, seeded by (projection seed, d_in, d_out).
+    Inner products are preserved in expectation, with error about ||a|| ||b|| / sqrt(d_out)."""
+
+    d_in: int
+    d_out: int
+    seed: int
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        """(n, d_out) float32 sketch of (n, d_in) vectors."""
+        gen = generator("index-dim", self.seed, self.d_in, self.d_out)
+        bucket = torch.randint(0, self.d_out, (self.d_in,), generator=gen)
+        sign = (torch.randint(0, 2, (self.d_in,), generator=gen) * 2 - 1).float()
+        out = torch.zeros((len(v), self.d_out))
+        out.index_add_(1, bucket, torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) * sign)
+        return out.numpy()
+
+
+def store_sketch(store: FeatureStore, index_dim: int | None) -> Sketch | None:
+    full = store.meta.projector.proj_dim * len(store.meta.checkpoints)
+    return None if index_dim is None else Sketch(full, index_dim, store.meta.projector.seed)
+
+
 @dataclass
 class SearchIndex:
-    """A loaded index: ``search(query_vectors (M, d), k) -> (scores (M, k), ids (M, k))``, best first;
-    slots an approximate index could not fill have id -1 and score -inf."""
+    """A loaded index: ``search(query_vectors (M, C*k), k) -> (scores (M, k), ids (M, k))``, best first; slots an
+    approximate index could not fill have id -1 and score -inf. With ``rerank`` R, the index proposes R candidates
+    and their exact scores (from ``store``) order them."""
 
     method: str
     factory: str
     ids: np.ndarray  # (N,) row -> sample id
     faiss_index: object | None = None
     vectors: torch.Tensor | None = None  # torch-flat backend
+    sketch: Sketch | None = None
+    store: FeatureStore | None = None
+    sidecar: dict | None = None
 
-    def search(self, qv: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k < 1:
-            raise ProjidxError(f"top-k must be >= 1, got {k}")
+    def search_rows(self, qv: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(M, k) index scores and store rows (-1 where unfilled) for full-dimension query vectors ``qv``."""
+        q = self.sketch(qv) if self.sketch is not None else np.ascontiguousarray(qv, dtype=np.float32)
         k = min(k, len(self.ids))
         if self.vectors is not None:
-            top = torch.topk(torch.from_numpy(qv) @ self.vectors.T, k, dim=1)
-            scores, rows = top.values.numpy(), top.indices.numpy()
-        else:
-            scores, rows = self.faiss_index.search(np.ascontiguousarray(qv, dtype=np.float32), k)  # type: ignore[attr-defined]
-        found = rows >= 0  # an approximate index returns row -1 when it finds fewer than k
+            top = torch.topk(torch.from_numpy(q) @ self.vectors.T, k, dim=1)
+            return top.values.numpy(), top.indices.numpy()
+        return self.faiss_index.search(q, k)  # type: ignore[attr-defined]
+
+    def search(self, qv: np.ndarray, k: int, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise ProjidxError(f"top-k must be >= 1, got {k}")
+        if rerank is not None and rerank < k:
+            raise ProjidxError(f"--rerank must be >= --top-k ({k}), got {rerank}")
+        scores, rows = self.search_rows(qv, rerank or k)
+        if rerank is not None:
+            if self.store is None:
+                raise ProjidxError("re-ranking needs the store the index was built from")
+            scores = rescore(self.store, qv, self.method, rows)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
+            scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        found = (rows >= 0) & np.isfinite(scores)  # an approximate index returns row -1 when it finds fewer than k
         return np.where(found, scores, -np.inf), np.where(found, self.ids[np.clip(rows, 0, None)], -1)
-
-
-def _all_vectors(store: FeatureStore, method: str) -> np.ndarray:
-    return np.concatenate([train_vectors(store, method, i) for i in range(store.n_chunks)])
-
-
-def build_index(store: FeatureStore, method: str, factory: str = "Flat") -> Path:
-    """Build and save the ``method`` index of a complete store; returns the index file's path."""
-    with WriterLock(store.path):
-        return _build_index_locked(store, method, factory)
 
 
 def _store_digest(store: FeatureStore) -> str | None:
     return dict(store.group.attrs)["projidx"].get("digest")
 
 
-def _build_index_locked(store: FeatureStore, method: str, factory: str) -> Path:
+def _nlist(factory: str) -> int | None:
+    match = re.search(r"IVF(\d+)", factory)
+    return int(match.group(1)) if match else None
+
+
+def build_index(store: FeatureStore, method: str, factory: str | IndexConfig = "Flat") -> Path:
+    """Build and save the ``method`` index of a complete store (``factory``: a factory string or an
+    :class:`IndexConfig`); returns the index file's path."""
+    config = factory if isinstance(factory, IndexConfig) else IndexConfig(factory=factory)
+    with WriterLock(store.path):
+        return _build_locked(store, method, config)
+
+
+def _build_locked(store: FeatureStore, method: str, config: IndexConfig) -> Path:
     check_method(store, method)
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     faiss = faiss_module()
-    if faiss is None and factory != "Flat":
-        raise ProjidxError(
-            f"index factory {factory!r} needs FAISS: pip install 'projidx[cpu]' (or [gpu]); only 'Flat' works without"
-        )
-    dim = store.meta.projector.proj_dim * len(store.meta.checkpoints)
-    index = None
-    if faiss is not None:
-        try:
-            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as e:
-            raise ProjidxError(f"invalid index factory string {factory!r} ({one_line(e)})") from e
-    vectors = _all_vectors(store, method)
+    if faiss is None and config.factory != "Flat":
+        raise ProjidxError(f"index factory {config.factory!r} needs FAISS: pip install 'projidx[cpu]' (or [gpu]);"
+                           " only 'Flat' works without")
+    if config.on_disk and _nlist(config.factory) is None:
+        raise ProjidxError(f"--on-disk needs an IVF index, not {config.factory!r}")
+    sketch = store_sketch(store, config.index_dim)
+    dim = config.index_dim or store.meta.projector.proj_dim * len(store.meta.checkpoints)
     out = index_dir(store)
     out.mkdir(exist_ok=True)
-    if index is None:
-        path, backend = out / f"{method}.npy", "torch"
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, vectors)
+    lists = None
+    if faiss is None:
+        path = _build_torch_flat(store, method, sketch, dim, out / f"{method}.npy")
     else:
-        try:
-            if not index.is_trained:
-                index.train(vectors)
-            index.add(vectors)
-        except RuntimeError as e:
-            raise ProjidxError(f"FAISS could not build {factory!r} on {len(vectors)} vectors ({one_line(e)})") from e
-        path, backend = out / f"{method}.faiss", "faiss"
-        try:
-            with atomic_path(path) as tmp:
-                faiss.write_index(index, str(tmp))
-        except RuntimeError as e:
-            raise ProjidxError(f"FAISS could not write {path} ({one_line(e)})") from e
-    sidecar = {"method": method, "factory": factory, "backend": backend, "store_uuid": store.uuid,
-               "store_digest": _store_digest(store), "n": store.meta.n, "dim": int(vectors.shape[1]),
-               "file": path.name, "sha256": file_sha256(path)}
+        path, lists = _build_faiss(faiss, store, method, config, sketch, dim, out)
+    sidecar = {"method": method, "factory": config.factory, "backend": "torch" if faiss is None else "faiss",
+               "store_uuid": store.uuid, "store_digest": _store_digest(store), "n": store.meta.n, "dim": dim,
+               "file": path.name, "sha256": file_sha256(path), "config": asdict(config)}
+    if lists is not None:
+        sidecar["lists_file"], sidecar["lists_sha256"] = lists.name, file_sha256(lists)
+    index = _open(faiss, store, method, sidecar, path, config.nprobe)
+    sidecar["recall"] = recall_report(store, index, config.recall_queries, config.seed)
     write_text_atomic(out / f"{method}.json", json.dumps(sidecar, indent=2))
+    for old in out.glob(f"{method}.*.ivfdata"):  # lists of earlier builds of this method
+        if lists is None or old != lists:
+            old.unlink()
     return path
 
 
-def load_index(store: FeatureStore, method: str, nprobe: int | None = None) -> SearchIndex:
-    """Load the saved ``method`` index of ``store``; refuses one built from another store."""
+def _build_torch_flat(store: FeatureStore, method: str, sketch: Sketch | None, dim: int, path: Path) -> Path:
+    """The exact torch backend: the vectors written chunk by chunk into a memory-mapped .npy."""
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(store.meta.n, dim))
+        for i, vectors in chunk_vectors(store, method, transform=sketch):
+            out[store.rows(i)] = vectors
+        out.flush()
+        del out
+    return path
+
+
+def _training_sample(store: FeatureStore, method: str, rows: int, seed: int, sketch: Sketch | None) -> np.ndarray:
+    """(min(rows, N), d) vectors of a seeded sample of store rows, reading only the chunks that hold them."""
+    picked = np.sort(np.random.default_rng(seed).choice(store.meta.n, size=min(rows, store.meta.n), replace=False))
+    chunk_of = picked // store.meta.chunk_rows
+    parts = [vectors[picked[chunk_of == i] - store.rows(i).start]
+             for i, vectors in chunk_vectors(store, method, np.unique(chunk_of), transform=sketch)]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def _build_faiss(faiss, store: FeatureStore, method: str, config: IndexConfig, sketch: Sketch | None, dim: int,
+                 out: Path) -> tuple[Path, Path | None]:
+    """The index file (and the on-disk inverted lists file, if any) of a FAISS index filled chunk by chunk."""
+    try:
+        index = faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ProjidxError(f"invalid index factory string {config.factory!r} ({one_line(e)})") from e
+    path = out / f"{method}.faiss"
+    try:
+        if not index.is_trained:
+            index.train(_training_sample(store, method, config.train_rows, config.seed, sketch))
+        if config.on_disk:
+            return path, _fill_on_disk(faiss, index, store, method, sketch, path)
+        for _, vectors in chunk_vectors(store, method, transform=sketch):
+            index.add(vectors)
+    except RuntimeError as e:
+        raise ProjidxError(f"FAISS could not build {config.factory!r} on {store.meta.n} vectors"
+                           f" ({one_line(e)})") from e
+    _write(faiss, index, path)
+    return path, None
+
+
+def _write(faiss, index, path: Path) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
+    except RuntimeError as e:
+        raise ProjidxError(f"FAISS could not write {path} ({one_line(e)})") from e
+
+
+SHARD_ROWS = 65_536  # rows per shard when merging into on-disk inverted lists
+
+
+def _fill_on_disk(faiss, trained, store: FeatureStore, method: str, sketch: Sketch | None, path: Path) -> Path:
+    """Fill shards of the trained empty IVF index (about SHARD_ROWS rows each, in a temporary directory), merge
+    their inverted lists into a new ``<method>.<token>.ivfdata`` (FAISS's ``merge_ondisk``) and write the index
+    that memory-maps them. Returns the lists file (a new name each build: a reader never sees a partial one)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    lists = path.with_name(f"{path.stem}.{uuidlib.uuid4().hex[:12]}.ivfdata")
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        shards, shard, filled = [], faiss.clone_index(trained), 0
+        for i, vectors in chunk_vectors(store, method, transform=sketch):
+            shard.add_with_ids(vectors, np.arange(store.rows(i).start, store.rows(i).stop, dtype=np.int64))
+            filled += len(vectors)
+            if filled >= SHARD_ROWS or i == store.n_chunks - 1:
+                shards.append(str(Path(tmp) / f"shard{len(shards)}.faiss"))
+                faiss.write_index(shard, shards[-1])
+                shard, filled = faiss.clone_index(trained), 0
+        final = faiss.clone_index(trained)
+        merge_ondisk(final, shards, str(lists))
+        _write(faiss, final, path)
+    return lists
+
+
+def recall_report(store: FeatureStore, index: SearchIndex, queries: int, seed: int) -> dict:
+    """recall@10 of ``index`` against the exact scan of the full vectors: a seeded sample of store rows is used
+    as queries, each query's own row left out of both lists (attribution queries are near, not equal to, training
+    images). Returns {"recall_at_10", "queries", "k", "nprobe"}."""
+    rows = np.sort(np.random.default_rng(seed + 1).choice(store.meta.n, size=min(queries, store.meta.n),
+                                                          replace=False))
+    chunk_of = rows // store.meta.chunk_rows
+    qv = np.concatenate([vectors[rows[chunk_of == i] - store.rows(i).start]
+                         for i, vectors in chunk_vectors(store, index.method, np.unique(chunk_of))])
+    k = min(RECALL_K, store.meta.n - 1)
+    if k < 1:
+        return {"recall_at_10": None, "queries": 0, "k": 0}
+    _, exact = exact_topk(store, qv, index.method, k, exclude_rows=rows)
+    _, found = index.search(qv, k + 1)
+    own = store.ids()[rows]
+    hits = [len(set(e) & (set(f) - {int(o)})) for e, f, o in zip(exact.tolist(), found.tolist(), own, strict=True)]
+    nprobe = None
+    if index.faiss_index is not None and _nlist(index.factory) is not None:
+        nprobe = int(faiss_module().extract_index_ivf(index.faiss_index).nprobe)
+    return {"recall_at_10": float(np.mean(hits)) / k, "queries": len(rows), "k": k, "nprobe": nprobe}
+
+
+def read_sidecar(store: FeatureStore, method: str) -> tuple[dict, Path]:
+    """The ``method`` index's sidecar and index file path, checked against the store and the file's digest."""
     sidecar = index_dir(store) / f"{method}.json"
     if not sidecar.is_file():
         raise ProjidxError(
             f"no {method} index for store {store.path}: run 'projidx index --store {store.path} --method {method}'"
             " or query with --exact"
         )
-    unreadable = f"the {method} index in {sidecar.parent} is unreadable; rebuild it with 'projidx index'"
+    rebuild = f"rebuild it with 'projidx index --store {store.path} --method {method}'"
     try:
         meta = json.loads(sidecar.read_text())
         same_store = meta["store_uuid"] == store.uuid and meta["n"] == store.meta.n \
             and meta.get("store_digest") == _store_digest(store)
-        path, backend, factory = sidecar.parent / meta["file"], meta["backend"], meta["factory"]
-        expected = (meta["method"], int(meta["dim"]), str(meta["sha256"]))
+        path = sidecar.parent / meta["file"]
+        config = meta.get("config", {})
+        expected_dim = config.get("index_dim") or store.meta.projector.proj_dim * len(store.meta.checkpoints)
+        sound = meta["method"] == method and int(meta["dim"]) == expected_dim \
+            and Path(meta["file"]).name == meta["file"] and path.is_file() and file_sha256(path) == meta["sha256"]
+        if sound and meta.get("lists_file"):
+            lists = sidecar.parent / meta["lists_file"]
+            sound = Path(meta["lists_file"]).name == meta["lists_file"] and lists.is_file() \
+                and file_sha256(lists) == meta["lists_sha256"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ProjidxError(f"{unreadable} ({one_line(e)})") from e
+        raise ProjidxError(f"the {method} index in {sidecar.parent} is unreadable ({one_line(e)}); {rebuild}") from e
     if not same_store:
-        raise ProjidxError(f"the {method} index in {sidecar.parent} was built from another store; rebuild it with"
-                           f" 'projidx index --store {store.path} --method {method}'")
-    dim = store.meta.projector.proj_dim * len(store.meta.checkpoints)
-    if expected[0] != method or expected[1] != dim or Path(meta["file"]).name != meta["file"] \
-            or not path.is_file() or file_sha256(path) != expected[2]:
+        raise ProjidxError(f"the {method} index in {sidecar.parent} was built from another store; {rebuild}")
+    if not sound:
         raise ProjidxError(f"the {method} index file {path} is not the one its sidecar records (overwritten, edited"
-                           f" or missing); rebuild it with 'projidx index --store {store.path} --method {method}'")
+                           f" or missing); {rebuild}")
+    return meta, path
+
+
+def _open(faiss, store: FeatureStore, method: str, meta: dict, path: Path, nprobe: int | None) -> SearchIndex:
     ids = store.ids()
-    faiss = faiss_module()
-    if backend != "torch" and faiss is None:
+    sketch = store_sketch(store, meta.get("config", {}).get("index_dim"))
+    unreadable = f"the {method} index {path} is unreadable; rebuild it with 'projidx index'"
+    if meta["backend"] != "torch" and faiss is None:
         raise ProjidxError(f"the {method} index is a FAISS index: pip install 'projidx[cpu]' (or [gpu])")
     try:
-        if backend == "torch":
-            return SearchIndex(method, factory, ids, vectors=torch.from_numpy(np.load(path)))
-        index = faiss.read_index(str(path))
+        if meta["backend"] == "torch":
+            with warnings.catch_warnings():  # a read-only memory map: torch only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                vectors = torch.from_numpy(np.load(path, mmap_mode="r"))
+            return SearchIndex(method, meta["factory"], ids, vectors=vectors, sketch=sketch, store=store,
+                               sidecar=meta)
+        index = faiss.read_index(str(path))  # on-disk inverted lists are memory-mapped by FAISS itself
     except (OSError, ValueError, RuntimeError) as e:
         raise ProjidxError(f"{unreadable} ({one_line(e)})") from e
+    nprobe = nprobe if nprobe is not None else meta.get("config", {}).get("nprobe")
     if nprobe is not None:
         try:
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
         except RuntimeError as e:
-            raise ProjidxError(f"--nprobe applies to IVF indices only, not {factory!r}") from e
-    if faiss.get_num_gpus() > 0:
+            raise ProjidxError(f"--nprobe applies to IVF indices only, not {meta['factory']!r}") from e
+    if faiss.get_num_gpus() > 0 and not meta.get("lists_file"):
         index = faiss.index_cpu_to_all_gpus(index)
-    return SearchIndex(method, factory, ids, faiss_index=index)
+    return SearchIndex(method, meta["factory"], ids, faiss_index=index, sketch=sketch, store=store, sidecar=meta)
+
+
+def load_index(store: FeatureStore, method: str, nprobe: int | None = None) -> SearchIndex:
+    """Load the saved ``method`` index of ``store``; refuses one built from another store or whose files are not
+    the ones its sidecar records."""
+    meta, path = read_sidecar(store, method)
+    return _open(faiss_module(), store, method, meta, path, nprobe)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -139,29 +140,68 @@ def query_vectors(store: FeatureStore, queries: QueryFeatures, method: str) -> n
     return np.concatenate(parts, axis=1)
 
 
+def chunk_vectors(store: FeatureStore, method: str, chunks: Sequence[int] | None = None,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(chunk index, (rows, d) training vectors) for ``chunks`` (default: all, in order), the next chunk read in a
+    background thread while the caller works on the current one (reading and decoding overlap the matmul).
+    ``transform`` (e.g. an index's sketch) is applied in that thread too."""
+    order = list(range(store.n_chunks)) if chunks is None else list(chunks)
+
+    def load(i: int) -> np.ndarray:
+        v = train_vectors(store, method, i)
+        return transform(v) if transform is not None else v
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, order[0]) if order else None
+        for pos, i in enumerate(order):
+            vectors = pending.result()  # type: ignore[union-attr]
+            pending = pool.submit(load, order[pos + 1]) if pos + 1 < len(order) else None
+            yield i, vectors
+
+
 def exact_scores(store: FeatureStore, qv: np.ndarray, method: str) -> np.ndarray:
     """(M, N) all scores of query vectors ``qv`` against every stored sample (small N only)."""
     q = torch.from_numpy(qv)
-    cols = [q @ torch.from_numpy(train_vectors(store, method, i)).T for i in range(store.n_chunks)]
+    cols = [q @ torch.from_numpy(v).T for _, v in chunk_vectors(store, method)]
     return torch.cat(cols, dim=1).numpy()
 
 
-def exact_topk(store: FeatureStore, qv: np.ndarray, method: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by streaming the store: (M, k') scores and (M, k') sample ids, best first, k' = min(k, N)."""
+def exact_topk(store: FeatureStore, qv: np.ndarray, method: str, k: int, exclude_rows: np.ndarray | None = None,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by streaming the store: (M, k') scores and (M, k') sample ids, best first, k' = min(k, N).
+
+    Memory: one row-chunk (and the next one, prefetched). ``exclude_rows`` (M,): a store row each query must not
+    return (leave-one-out). ``transform`` maps training vectors into the space of ``qv`` (an index's sketch)."""
     if k < 1:
         raise ProjidxError(f"top-k must be >= 1, got {k}")
     q = torch.from_numpy(qv)
     ids = torch.from_numpy(store.ids())
     best_s = torch.full((len(q), 0), -torch.inf)
     best_i = torch.zeros((len(q), 0), dtype=torch.int64)
-    for i in range(store.n_chunks):
+    for i, vectors in chunk_vectors(store, method, transform=transform):
         rows = store.rows(i)
-        s = q @ torch.from_numpy(train_vectors(store, method, i)).T
+        s = q @ torch.from_numpy(vectors).T
+        if exclude_rows is not None:
+            mine = np.flatnonzero((exclude_rows >= rows.start) & (exclude_rows < rows.stop))
+            s[mine, exclude_rows[mine] - rows.start] = -torch.inf
         cand_s = torch.cat([best_s, s], dim=1)
         cand_i = torch.cat([best_i, ids[rows].expand(len(q), -1)], dim=1)
         top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
         best_s, best_i = top.values, torch.gather(cand_i, 1, top.indices)
     return best_s.numpy(), best_i.numpy()
+
+
+def rescore(store: FeatureStore, qv: np.ndarray, method: str, rows: np.ndarray) -> np.ndarray:
+    """(M, R) exact scores of each query against its own R candidate store rows (``rows`` (M, R), -1 = none:
+    score -inf). Reads only the row-chunks that hold a candidate, each once."""
+    out = np.full(rows.shape, -np.inf, dtype=np.float32)
+    valid = rows >= 0
+    chunk_of = np.where(valid, rows // store.meta.chunk_rows, -1)
+    for i, vectors in chunk_vectors(store, method, np.unique(chunk_of[valid])):
+        m, r = np.nonzero(chunk_of == i)
+        local = rows[m, r] - store.rows(i).start
+        out[m, r] = (qv[m] * vectors[local]).sum(axis=1)
+    return out
 
 
 def source_ranks(store: FeatureStore, qv: np.ndarray, method: str, source_rows: np.ndarray) -> np.ndarray:
