@@ -25,7 +25,7 @@ _EXPORTS = {
     "NoiseSchedule": "projidx.diffusion",
     "schedule_from_diffusers": "projidx.diffusion",
     "ProjidxError": "projidx.errors",
-    "FeaturizeConfig": "projidx.featurization",
+    "FeaturizeConfig": "projidx.settings",
     "QueryFeatures": "projidx.featurization",
     "featurize": "projidx.featurization",
     "featurize_queries": "projidx.featurization",

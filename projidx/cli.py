@@ -9,10 +9,8 @@ from pathlib import Path
 
 import click
 
-from projidx.diffusion import GRIDS, NOISE_POLICIES, SCHEDULES
 from projidx.errors import ProjidxError, one_line
-from projidx.featurization import PROJECTOR_CHOICES, FeaturizeConfig
-from projidx.scoring import METHODS
+from projidx.settings import GRIDS, METHODS, NOISE_POLICIES, PROJECTOR_CHOICES, SCHEDULES, FeaturizeConfig
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
 METHOD_HELP = ("matched (default on grid stores: mean over the grid of the cosine at the same timestep), retrac"

@@ -24,14 +24,10 @@ import torch
 from torch import nn
 
 from projidx.seeding import generator
+from projidx.settings import GRIDS, LOSSES, NOISE_POLICIES, OBJECTIVES, SCHEDULES
 
-LOSSES = ("mse", "l1")
 TRAIN_NOISE, QUERY_NOISE = "noise", "query-noise"  # the per-sample policy's two streams (training, query side)
 SHARED_NOISE = "shared-noise"  # the shared policy's one stream, for both sides
-NOISE_POLICIES = ("shared", "per-sample")
-OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
-SCHEDULES = ("linear", "cosine", "cosine-clipped")
-GRIDS = ("midpoints", "paper")  # timestep_grid kinds
 
 
 class EpsModel(Protocol):

@@ -27,9 +27,6 @@ from tqdm import tqdm
 from projidx.checkpoints import CheckpointSet, check_blob
 from projidx.data import ImageSet
 from projidx.diffusion import (
-    GRIDS,
-    NOISE_POLICIES,
-    OBJECTIVES,
     QUERY_NOISE,
     TRAIN_NOISE,
     NoiseDraws,
@@ -39,52 +36,11 @@ from projidx.diffusion import (
 from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
 from projidx.grads import GradientComputer, model_fingerprint, parameter_shapes
-from projidx.projection import KINDS, Projector, ProjectorSpec, make_projector
-from projidx.store import MODES, Chunk, FeatureStore, StoreMeta, WriterLock
+from projidx.projection import Projector, ProjectorSpec, make_projector
+from projidx.settings import FeaturizeConfig
+from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock
 
-PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector (the CLI's choices)
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
-
-
-TRAIN_TIMESTEP_MODES = (*MODES, "auto")
-
-
-@dataclass(frozen=True)
-class FeaturizeConfig:
-    """Training-side featurization settings, validated on construction (errors name the argument). The CLI
-    takes its defaults and choices from here. ``batch_size`` counts gradient evaluations per call (samples x
-    timesteps x ``train_draws``); it never changes results.
-
-    Defaults are the ones ``projidx validate`` passes best (docs/results.md): a grid of 10 timesteps per training
-    image (bin midpoints) and shared noise, which the timestep-matched method (``matched``) needs;
-    ``train_timesteps="replay"`` with ``noise="per-sample"`` is the paper's setting.
-    """
-
-    projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
-    proj_dim: int = 2048
-    projection_seed: int = 0  # seeds the JL projection only
-    noise_seed: int = 0  # seeds every noise draw only
-    noise: str = "shared"  # diffusion.NOISE_POLICIES
-    dtype: str = "float16"
-    sparsity: int = 1
-    train_timesteps: str = "grid"  # replay | grid | auto (replay where the checkpoints record it, else grid)
-    timesteps: int = 10  # grid mode: the grid's size K
-    grid: str = "midpoints"  # grid mode: diffusion.GRIDS kind (midpoints of K bins of [0, T), or the paper's)
-    batch_size: int = 32
-    chunk_rows: int = 256
-    device: str = "cpu"
-    objective: str = "loss"
-    train_draws: int = 1  # noise draws averaged per training-side gradient (the paper: 1)
-
-    def __post_init__(self) -> None:
-        choices = {"projector": PROJECTOR_CHOICES, "noise": NOISE_POLICIES, "train_timesteps": TRAIN_TIMESTEP_MODES,
-                   "objective": OBJECTIVES, "dtype": ("float16", "float32"), "grid": GRIDS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ProjidxError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("proj_dim", "timesteps", "batch_size", "chunk_rows", "train_draws", "sparsity"):
-            if getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def resolve_projector(kind: str, model: torch.nn.Module, objective: str = "loss") -> str:

@@ -40,6 +40,7 @@ from projidx.errors import ProjidxError, one_line
 from projidx.files import atomic_path, file_sha256, write_text_atomic
 from projidx.scoring import check_method, chunk_vectors, exact_topk, rescore
 from projidx.seeding import generator
+from projidx.settings import IndexConfig
 from projidx.store import FeatureStore, WriterLock
 
 RECALL_K = 10
@@ -56,30 +57,6 @@ def faiss_module():
 
 def index_dir(store: FeatureStore) -> Path:
     return store.path.with_name(store.path.name + ".index")
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How an index is built. ``factory``: a FAISS index-factory string. ``index_dim``: the dimension of the second
-    JL (None: the full C x k). ``train_rows``: rows sampled (seeded) to train an index that needs training.
-    ``on_disk``: IVF inverted lists in a file, memory-mapped. ``nprobe``: the IVF lists a query visits unless
-    told otherwise (None: FAISS's 1). ``recall_queries``: store rows used as queries for the recall report."""
-
-    factory: str = "Flat"
-    index_dim: int | None = None
-    train_rows: int = 100_000
-    on_disk: bool = False
-    nprobe: int | None = None
-    recall_queries: int = 100
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("train_rows", "recall_queries"):
-            if getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("index_dim", "nprobe"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import torch
 
 from projidx.seeding import generator
+from projidx.settings import KINDS
 
-KINDS = ("sjlt", "srht", "dense", "factorized", "identity")
 DTYPES = ("float32", "float16")
 DENSE_BLOCK = 4096  # input coordinates per regenerated block of the dense projector
 DENSE_CACHE_BYTES = 1 << 30  # generated dense blocks kept across calls, per projector

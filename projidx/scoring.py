@@ -39,10 +39,8 @@ import torch
 from projidx.errors import ProjidxError
 from projidx.featurization import QueryFeatures
 from projidx.seeding import generator
+from projidx.settings import METHODS
 from projidx.store import FeatureStore
-
-METHODS = ("tracin", "retrac", "cosine", "matched")
-PAPER_METHODS = METHODS[:3]  # the paper's Diffusion-TracIn and Diffusion-ReTrac, and plain cosine
 
 
 def default_method(store: FeatureStore) -> str:

@@ -46,7 +46,6 @@ from projidx.projection import ProjectorSpec
 
 FORMAT_VERSION = 2  # 2: done records are content digests; the metadata carries a digest
 READABLE_VERSIONS = (1, 2)  # version 1 stores (bool done markers, no digests) are still read
-MODES = ("replay", "grid")
 
 
 @dataclass(frozen=True)

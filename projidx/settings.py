@@ -1,0 +1,87 @@
+"""Settings: every choice and default the library and the CLI share, as validated dataclasses (no torch here,
+so ``projidx --help`` starts fast). The CLI derives its options' choices and defaults from this module; library
+errors name the field, which the CLI shows as its flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from projidx.errors import ProjidxError
+
+LOSSES = ("mse", "l1")
+OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
+SCHEDULES = ("linear", "cosine", "cosine-clipped")
+GRIDS = ("midpoints", "paper")  # timestep_grid kinds
+NOISE_POLICIES = ("shared", "per-sample")
+MODES = ("replay", "grid")  # training-side timesteps
+TRAIN_TIMESTEP_MODES = (*MODES, "auto")
+KINDS = ("sjlt", "srht", "dense", "factorized", "identity")  # projector kinds
+PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector
+METHODS = ("tracin", "retrac", "cosine", "matched")
+
+
+TRAIN_TIMESTEP_MODES = (*MODES, "auto")
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    """Training-side featurization settings, validated on construction (errors name the argument). The CLI
+    takes its defaults and choices from here. ``batch_size`` counts gradient evaluations per call (samples x
+    timesteps x ``train_draws``); it never changes results.
+
+    Defaults are the ones ``projidx validate`` passes best (docs/results.md): a grid of 10 timesteps per training
+    image (bin midpoints) and shared noise, which the timestep-matched method (``matched``) needs;
+    ``train_timesteps="replay"`` with ``noise="per-sample"`` is the paper's setting.
+    """
+
+    projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
+    proj_dim: int = 2048
+    projection_seed: int = 0  # seeds the JL projection only
+    noise_seed: int = 0  # seeds every noise draw only
+    noise: str = "shared"  # diffusion.NOISE_POLICIES
+    dtype: str = "float16"
+    sparsity: int = 1
+    train_timesteps: str = "grid"  # replay | grid | auto (replay where the checkpoints record it, else grid)
+    timesteps: int = 10  # grid mode: the grid's size K
+    grid: str = "midpoints"  # grid mode: diffusion.GRIDS kind (midpoints of K bins of [0, T), or the paper's)
+    batch_size: int = 32
+    chunk_rows: int = 256
+    device: str = "cpu"
+    objective: str = "loss"
+    train_draws: int = 1  # noise draws averaged per training-side gradient (the paper: 1)
+
+    def __post_init__(self) -> None:
+        choices = {"projector": PROJECTOR_CHOICES, "noise": NOISE_POLICIES, "train_timesteps": TRAIN_TIMESTEP_MODES,
+                   "objective": OBJECTIVES, "dtype": ("float16", "float32"), "grid": GRIDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ProjidxError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("proj_dim", "timesteps", "batch_size", "chunk_rows", "train_draws", "sparsity"):
+            if getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index is built. ``factory``: a FAISS index-factory string. ``index_dim``: the dimension of the second
+    JL (None: the full C x k). ``train_rows``: rows sampled (seeded) to train an index that needs training.
+    ``on_disk``: IVF inverted lists in a file, memory-mapped. ``nprobe``: the IVF lists a query visits unless
+    told otherwise (None: FAISS's 1). ``recall_queries``: store rows used as queries for the recall report."""
+
+    factory: str = "Flat"
+    index_dim: int | None = None
+    train_rows: int = 100_000
+    on_disk: bool = False
+    nprobe: int | None = None
+    recall_queries: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_rows", "recall_queries"):
+            if getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("index_dim", "nprobe"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
