@@ -79,17 +79,19 @@ def main() -> None:
 @main.command()
 @click.option("--data", required=True, help="digits[:train|:test], photos[:train|:test|:gray8], or an .npz.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
-@click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", default=40, show_default=True, type=click.IntRange(1), help="Passes over the data.")
 @click.option("--checkpoints", default=4, show_default=True, type=click.IntRange(1), help="Checkpoints to keep.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--loss", type=click.Choice(["mse", "l1"]), default="mse", show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, help="Seed of initialization, order, timesteps and noise.")
+@click.option("--loss", type=click.Choice(["mse", "l1"]), default="mse", show_default=True,
+              help="Noise-prediction loss (recorded; attribution uses it).")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Minibatch size.")
 @click.option("--width", default=32, show_default=True, type=click.IntRange(8), help="UNet base channels.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True,
               help="Beta schedule; cosine-clipped is the ReTrac authors' cosine (betas clipped to [1e-4, 0.02]).")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out (replacing its checkpoints).")
 @_fail_cleanly
-def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule) -> None:
+def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule, force) -> None:
     """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
     from projidx.data import load_dataset
     from projidx.diffusion import NoiseSchedule
@@ -97,6 +99,9 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
     from projidx.training import train as run_train
     from projidx.unet import UNetConfig
 
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+        raise ProjidxError(f"--out {out} is not empty: its checkpoints may be what stores were built from; choose"
+                           " another directory, or pass --force to replace them")
     config = TrainConfig(epochs=epochs, checkpoints=checkpoints, seed=seed, loss=loss, lr=lr,
                          batch_size=batch_size, schedule=NoiseSchedule(schedule), unet=UNetConfig(base=width))
     ckpts = run_train(load_dataset(data), out, config)
@@ -146,16 +151,35 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, pr
     from projidx.featurization import featurize as run_featurize
 
     _check_device(device)
-    config = _flags(FeaturizeConfig, projector=projector, proj_dim=proj_dim, projection_seed=projection_seed,
-                    noise_seed=noise_seed, noise=noise, dtype=dtype, train_timesteps=train_timesteps,
-                    timesteps=timesteps, grid=grid, batch_size=batch_size, chunk_rows=chunk_rows, device=device,
-                    objective=objective, train_draws=train_draws)
+    values = dict(projector=projector, proj_dim=proj_dim, projection_seed=projection_seed, noise_seed=noise_seed,
+                  noise=noise, dtype=dtype, train_timesteps=train_timesteps, timesteps=timesteps, grid=grid,
+                  batch_size=batch_size, chunk_rows=chunk_rows, device=device, objective=objective,
+                  train_draws=train_draws)
+    values.update(_recorded_unless_given(store, values))
+    config = _flags(FeaturizeConfig, **values)
     ckpts = load_checkpoint_dir(ckpt_dir)
     images = load_dataset(data)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
     click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({fs.meta.train_timesteps},"
                f" {fs.meta.noise} noise) into {store} in {time.perf_counter() - start:.1f}s")
+
+
+def _recorded_unless_given(store: str, values: dict) -> dict:
+    """For an existing store: its recorded settings for every option left at its default, so that resuming needs
+    no flags but --checkpoints, --data and --store (an option given explicitly is compared, not replaced)."""
+    if not (Path(store) / "zarr.json").is_file():
+        return {}
+    from projidx.featurization import recorded_settings
+    from projidx.store import FeatureStore
+
+    try:
+        recorded = recorded_settings(FeatureStore.open(store, mode="r+").meta)
+    except ProjidxError:
+        return {}  # featurize itself reports what is wrong with the store
+    ctx = click.get_current_context()
+    return {name: value for name, value in recorded.items() if name in values
+            and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
 
 
 def _flags(cls, **values):
@@ -201,10 +225,10 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path())
+@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
 @click.option("--data", required=True, help="Query images: digits:test, an .npz, ...")
 @click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
-@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
 @click.option("--query-timesteps", default=None, type=click.IntRange(1),
               help="Size of the query timestep grid S (the paper: 100) [default: the store's grid, else 10].")
 @click.option("--noise-draws", default=None, type=click.IntRange(1),
@@ -337,8 +361,8 @@ def analyze() -> None:
 
 
 @analyze.command("timestep-bias")
-@click.option("--store", required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
 @_fail_cleanly
 def analyze_timestep_bias(store, out) -> None:
     """Distribution of exact per-sample gradient norms per checkpoint and timestep."""
@@ -351,12 +375,14 @@ def analyze_timestep_bias(store, out) -> None:
 
 
 @analyze.command("influence")
-@click.option("--store", required=True, type=click.Path())
+@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
 @click.option("--data", required=True, help="Query images.")
-@click.option("--top-k", default=50, show_default=True, type=click.IntRange(1))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--query-timesteps", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--top-k", default=50, show_default=True, type=click.IntRange(1), help="Proponents per query.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
+@click.option("--query-timesteps", default=10, show_default=True, type=click.IntRange(1),
+              help="Size of the query timestep grid S (the paper's grid).")
+@click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1),
+              help="Noise draws R averaged per timestep.")
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="First N query images.")
 @_fail_cleanly
 def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit) -> None:
@@ -371,10 +397,12 @@ def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, lim
 
 
 @analyze.command("self-influence")
-@click.option("--store", required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--query-timesteps", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--noise-draws", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
+@click.option("--query-timesteps", default=5, show_default=True, type=click.IntRange(1),
+              help="Size of the query timestep grid S for each training image.")
+@click.option("--noise-draws", default=2, show_default=True, type=click.IntRange(1),
+              help="Noise draws R averaged per timestep.")
 @_fail_cleanly
 def analyze_self_influence(store, out, query_timesteps, noise_draws) -> None:
     """Each training sample's influence on itself, per method (outliers score high)."""

@@ -37,7 +37,7 @@ from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
 from projidx.grads import GradientComputer, model_fingerprint, parameter_shapes
 from projidx.projection import Projector, ProjectorSpec, make_projector
-from projidx.settings import FeaturizeConfig
+from projidx.settings import GRIDS, FeaturizeConfig
 from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock
 
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
@@ -224,6 +224,20 @@ def available_memory() -> int | None:
     except OSError:
         return None
     return None
+
+
+def recorded_settings(meta: StoreMeta) -> dict:
+    """The :class:`FeaturizeConfig` fields a store was written with (to resume it without repeating every flag)."""
+    out = {"projector": meta.projector.kind, "proj_dim": meta.projector.proj_dim, "projection_seed":
+           meta.projector.seed, "dtype": meta.projector.dtype, "sparsity": meta.projector.sparsity,
+           "noise": meta.noise, "noise_seed": meta.noise_seed, "train_timesteps": meta.train_timesteps,
+           "chunk_rows": meta.chunk_rows, "objective": meta.objective, "train_draws": meta.train_draws}
+    if meta.train_timesteps == "grid":
+        out["timesteps"] = len(meta.timesteps)
+        kinds = [g for g in GRIDS if timestep_grid(len(meta.timesteps), meta.schedule.T, g) == meta.timesteps]
+        if kinds:
+            out["grid"] = kinds[0]
+    return out
 
 
 def check_memory(spec: ProjectorSpec, config: FeaturizeConfig, gradients_per_sample: int) -> None:

@@ -315,3 +315,49 @@ def test_bad_device_and_damaged_index(tmp_path, pipeline, rgb_npz):
     (tmp_path / "s.zarr.index" / "retrac.json").write_text("{not json")
     r = run("query", "--store", store, "--data", queries, "--method", "retrac", "--out", tmp_path / "r.json", ok=False)
     assert_clean_error(r, "retrac index", "unreadable", "rebuild")
+
+
+def test_every_option_has_help_text():
+    import click
+
+    def options(cmd, name):
+        if isinstance(cmd, click.Group):
+            for sub, c in cmd.commands.items():
+                yield from options(c, f"{name} {sub}")
+        else:
+            yield from ((name, p.opts[0]) for p in cmd.params if isinstance(p, click.Option))
+
+    missing = [(cmd, opt) for cmd, opt in options(main, "projidx")
+               if not next(p for p in _command(cmd).params if p.opts[0] == opt).help]
+    assert missing == []
+
+
+def _command(path: str):
+    cmd = main
+    for part in path.split()[1:]:
+        cmd = cmd.commands[part]
+    return cmd
+
+
+def test_train_refuses_a_non_empty_out_unless_forced(tmp_path, rgb_npz):
+    train_npz, _ = rgb_npz
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    args = ["train", "--data", train_npz, "--out", tmp_path / "ck", "--epochs", 1, "--checkpoints", 1, "--width", 8]
+    assert_clean_error(run(*args, ok=False), "is not empty", "--force")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["notes.txt"]
+    run(*args, "--force")
+    assert (tmp_path / "ck" / MANIFEST).is_file()
+
+
+def test_featurize_resumes_from_the_recorded_settings(tmp_path, pipeline, rgb_npz):
+    """Only --checkpoints, --data and --store are needed to resume; an explicit other value is still refused."""
+    d = pipeline
+    train_npz, _ = rgb_npz
+    store = tmp_path / "s.zarr"
+    shutil.copytree(d / "s.zarr", store)
+    before = tree_digest(store)
+    run("featurize", "--checkpoints", d / "ck", "--data", train_npz, "--store", store)
+    assert tree_digest(store) == before
+    r = run("featurize", "--checkpoints", d / "ck", "--data", train_npz, "--store", store, "--proj-dim", 32, ok=False)
+    assert_clean_error(r, "different projector spec")
