@@ -6,12 +6,14 @@ noise is re-specified; all of it is read from the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
-from projidx.data import ImageSet, load_dataset
+from projidx.data import IMAGE_SUFFIXES, DataOptions, ImageSet, load_dataset
 from projidx.errors import ProjidxError
 from projidx.featurization import QueryFeatures, featurize_queries
 from projidx.index import load_index
@@ -28,17 +30,21 @@ class Attribution:
     query_ids: np.ndarray
     ids: np.ndarray
     scores: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: query featurization, search
+    names: list[list[str]] | None = None  # (M, k) training file names, where the training data has them
+    query_names: list[str] | None = None
 
     def to_json(self) -> dict:
-        return {
-            "method": self.method,
-            "top_k": self.top_k,
-            "queries": [
-                {"query": i, "query_id": int(qid), "ids": [int(v) for v in ids],
-                 "scores": [float(s) if np.isfinite(s) else None for s in sc]}  # None: a slot left empty
-                for i, (qid, ids, sc) in enumerate(zip(self.query_ids, self.ids, self.scores, strict=True))
-            ],
-        }
+        queries = []
+        for i, (qid, ids, sc) in enumerate(zip(self.query_ids, self.ids, self.scores, strict=True)):
+            entry = {"query": i, "query_id": int(qid), "ids": [int(v) for v in ids],
+                     "scores": [float(s) if np.isfinite(s) else None for s in sc]}  # None: a slot left empty
+            if self.query_names is not None:
+                entry["query_name"] = self.query_names[i]
+            if self.names is not None:
+                entry["names"] = self.names[i]
+            queries.append(entry)
+        return {"method": self.method, "top_k": self.top_k, "timings_s": self.timings, "queries": queries}
 
 
 def store_checkpoints(store: FeatureStore) -> CheckpointSet:
@@ -66,29 +72,41 @@ def attribute(
     ``query_timesteps`` and ``noise_draws`` default as :func:`projidx.featurization.query_defaults` says."""
     check_method(store, method)
     index = None if exact else load_index(store, method, nprobe=nprobe)  # fail before featurizing
+    timings = {}
+    query_names = list(queries.names) if isinstance(queries, ImageSet) and queries.names is not None else None
     if isinstance(queries, ImageSet):
+        start = time.perf_counter()
         queries = featurize_queries(store, ckpts or store_checkpoints(store), queries, query_timesteps,
                                     noise_draws, device=device, progress=progress)
+        timings["featurize_queries"] = time.perf_counter() - start
+    start = time.perf_counter()
     qv = query_vectors(store, queries, method)
     if exact:
         scores, ids = exact_topk(store, qv, method, top_k)
     else:
         scores, ids = index.search(qv, top_k, rerank=rerank)
-    return Attribution(method, top_k, queries.ids, ids, scores)
+    timings["search"] = time.perf_counter() - start
+    return Attribution(method, top_k, queries.ids, ids, scores, timings, query_names=query_names)
 
 
 def store_dataset(store: FeatureStore) -> ImageSet:
     """The training data a store was built from, reloaded by name (refused if it changed since)."""
-    train = load_dataset(store.meta.dataset_name)
+    train = load_dataset(store.meta.dataset_name, DataOptions.from_dict(store.meta.dataset_options))
     if train.fingerprint() != store.meta.dataset_fingerprint:
         raise ProjidxError(f"the training data {store.meta.dataset_name} changed since the store was built")
     return train
 
 
-def training_images(store: FeatureStore, ids: np.ndarray) -> np.ndarray:
-    """(*ids.shape, C, H, W) the training images with the given sample ids (from :func:`store_dataset`);
-    black for id -1."""
-    train = store_dataset(store)
+def has_file_names(store: FeatureStore) -> bool:
+    """Whether the store's training data is image files (whose names results can show)."""
+    path = Path(store.meta.dataset_name)
+    return path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def training_images(store: FeatureStore, ids: np.ndarray, train: ImageSet | None = None) -> np.ndarray:
+    """(*ids.shape, C, H, W) the training images with the given sample ids (from :func:`store_dataset` unless
+    ``train`` is given); black for id -1."""
+    train = train if train is not None else store_dataset(store)
     row = {int(i): r for r, i in enumerate(train.ids.tolist())}
     images = np.concatenate([train.images.numpy(), np.full((1, *train.image_shape), -1.0, np.float32)])
     return images[np.vectorize(lambda i: row.get(int(i), -1))(ids)]  # id -1 (unfilled slot): a blank image

@@ -10,7 +10,16 @@ from pathlib import Path
 import click
 
 from projidx.errors import ProjidxError, one_line
-from projidx.settings import GRIDS, METHODS, NOISE_POLICIES, PROJECTOR_CHOICES, SCHEDULES, FeaturizeConfig
+from projidx.settings import (
+    GRIDS,
+    METHODS,
+    NOISE_POLICIES,
+    PROJECTOR_CHOICES,
+    SCHEDULES,
+    VALUE_RANGES,
+    DataOptions,
+    FeaturizeConfig,
+)
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
 METHOD_HELP = ("matched (default on grid stores: mean over the grid of the cosine at the same timestep), retrac"
@@ -70,6 +79,30 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def data_options(fn):
+    """--value-range and --resize: how a --data spec's values are read (settings.DataOptions)."""
+    fn = click.option("--resize", default=None, metavar="HxW",
+                      help="Resize every image to H x W (bilinear, antialiased) [default: keep; mixed sizes are"
+                           " refused].")(fn)
+    return click.option("--value-range", type=click.Choice(VALUE_RANGES), default="auto", show_default=True,
+                        help="Range of the stored values: auto = uint8 as [0, 255] and float as [-1, 1] (float data"
+                             " that looks like [0, 1] or [0, 255] is refused); or declare -1,1, 0,1, 0,255.")(fn)
+
+
+def _data(spec: str, value_range: str, resize: str | None):
+    """The ImageSet of a --data spec read with --value-range / --resize."""
+    from projidx.data import load_dataset
+
+    size = None
+    if resize is not None:
+        try:
+            h, w = (int(v) for v in resize.lower().split("x"))
+        except ValueError:
+            raise ProjidxError(f"--resize must look like 32x32, got {resize!r}") from None
+        size = (h, w)
+    return load_dataset(spec, _flags(DataOptions, value_range=value_range, resize=size))
+
+
 @click.group()
 @click.version_option(package_name="projidx")
 def main() -> None:
@@ -90,10 +123,11 @@ def main() -> None:
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True,
               help="Beta schedule; cosine-clipped is the ReTrac authors' cosine (betas clipped to [1e-4, 0.02]).")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out (replacing its checkpoints).")
+@data_options
 @_fail_cleanly
-def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule, force) -> None:
+def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule, force, value_range,
+          resize) -> None:
     """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
-    from projidx.data import load_dataset
     from projidx.diffusion import NoiseSchedule
     from projidx.training import TrainConfig
     from projidx.training import train as run_train
@@ -104,7 +138,7 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
                            " another directory, or pass --force to replace them")
     config = TrainConfig(epochs=epochs, checkpoints=checkpoints, seed=seed, loss=loss, lr=lr,
                          batch_size=batch_size, schedule=NoiseSchedule(schedule), unet=UNetConfig(base=width))
-    ckpts = run_train(load_dataset(data), out, config)
+    ckpts = run_train(_data(data, value_range, resize), out, config)
     click.echo(f"wrote {len(ckpts.checkpoints)} checkpoints to {out}")
 
 
@@ -140,14 +174,15 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
 @click.option("--other-data", is_flag=True,
               help="Replay mode: accept data that is not the set the checkpoints were trained on (warns).")
+@data_options
 @_fail_cleanly
 def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector, projection_seed,
-              noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data) -> None:
+              noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data, value_range,
+              resize) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
     from projidx.checkpoints import load_checkpoint_dir
-    from projidx.data import load_dataset
     from projidx.featurization import featurize as run_featurize
 
     _check_device(device)
@@ -158,7 +193,7 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, pr
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
     ckpts = load_checkpoint_dir(ckpt_dir)
-    images = load_dataset(data)
+    images = _data(data, value_range, resize)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
     click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({fs.meta.train_timesteps},"
@@ -243,32 +278,38 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 @click.option("--rerank", type=click.IntRange(1), default=None,
               help="Take this many candidates from the index and order them by their exact scores from the store.")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@data_options
 @_fail_cleanly
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
-          device) -> None:
+          device, value_range, resize) -> None:
     """Top-k influential training samples for each query image."""
-    from projidx.attribution import attribute, training_images
-    from projidx.data import load_dataset
+    from projidx.attribution import attribute, has_file_names, store_dataset, training_images
+    from projidx.files import write_text_atomic
     from projidx.scoring import default_method
     from projidx.store import FeatureStore
 
     _check_device(device)
     fs = FeatureStore.open(store)
     method = method or default_method(fs)
-    queries = load_dataset(data)
+    queries = _data(data, value_range, resize)
     if limit is not None:
         queries = queries.subset(slice(0, limit))
     result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
                        noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device, rerank=rerank)
-    from projidx.files import write_text_atomic
-
+    train = store_dataset(fs) if png or has_file_names(fs) else None
+    if train is not None and train.names is not None:
+        result.names = train.display_names(result.ids)
     write_text_atomic(out, json.dumps(result.to_json(), indent=1))
     if png:
         from projidx.viz import attribution_grid
 
-        tops = training_images(fs, result.ids)
-        attribution_grid(png, queries.images.numpy(), tops, result.scores, title=method)
-    click.echo(f"wrote {out}" + (f" and {png}" if png else ""))
+        attribution_grid(png, queries.images.numpy(), training_images(fs, result.ids, train), result.scores,
+                         title=method, labels=train.display_names(result.ids),
+                         query_labels=list(queries.names) if queries.names else [str(int(i)) for i in queries.ids])
+    t = result.timings
+    click.echo(f"{len(queries)} queries: featurized in {t['featurize_queries']:.2f}s"
+               f" ({t['featurize_queries'] / len(queries):.3f}s per query), searched in {t['search']:.3f}s;"
+               f" wrote {out}" + (f" and {png}" if png else ""))
 
 
 @main.command()
@@ -320,18 +361,18 @@ def _indices(fs) -> dict:
               help="Exit 1 if the default method's near-copy top-10 share is below this.")
 @click.option("--min-shift-top10", type=click.FloatRange(0, 1), default=None,
               help="Exit 1 if the default method's one-pixel-shift top-10 share is below this.")
+@data_options
 @_fail_cleanly
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
-             min_near_top10, min_shift_top10) -> None:
+             min_near_top10, min_shift_top10, value_range, resize) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
     from projidx.attribution import store_checkpoints, store_dataset
-    from projidx.data import load_dataset
     from projidx.scoring import default_method
     from projidx.store import FeatureStore
     from projidx.validate import CHECKS, failures, validate_store
 
     fs = FeatureStore.open(store)
-    train = load_dataset(data) if data else store_dataset(fs)
+    train = _data(data, value_range, resize) if data else store_dataset(fs)
     report = validate_store(fs, store_checkpoints(fs), train, samples, seed, sigma, tuple(methods) or None,
                             query_timesteps, noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"
@@ -387,11 +428,10 @@ def analyze_timestep_bias(store, out) -> None:
 @_fail_cleanly
 def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit) -> None:
     """TracIn vs ReTrac specificity: unique ratio and generally influential samples."""
-    from projidx.data import load_dataset
     from projidx.reports import influence_report
     from projidx.store import FeatureStore
 
-    queries = load_dataset(data).subset(slice(0, limit))
+    queries = _data(data, "auto", None).subset(slice(0, limit))
     report = influence_report(FeatureStore.open(store), queries, top_k, Path(out), query_timesteps, noise_draws)
     click.echo(json.dumps(report["summary"], indent=2))
 

@@ -1,36 +1,52 @@
-"""Datasets: the built-in ``digits`` (scikit-learn's 8x8 digits, no download) and ``.npz`` files.
+"""Datasets: built-in ones (no download), image files and folders, ``.npy`` / ``.npz`` arrays.
 
-Every dataset is an :class:`ImageSet`: float32 images in [-1, 1] shaped (N, C, H, W) and stable int64
-sample ids. A DATA spec is ``digits``, ``digits:train`` (the first 1,500), ``digits:test`` (the other
-297), ``photos`` (1,200 16x16 RGB patches of the two photographs scikit-learn ships, ``photos:train`` = first
-1,000, ``photos:test`` = the rest; ``photos:gray8`` = 8x8 grayscale versions), or a path to an ``.npz``
-holding ``images`` (N, H, W) or (N, C, H, W), uint8 in [0, 255] or float
-already in [-1, 1], and optionally ``ids`` (N,) unique integers (default 0..N-1).
+Every dataset is an :class:`ImageSet`: float32 images in [-1, 1] shaped (N, C, H, W), stable int64 sample ids
+and, for files, the file names (shown in results and pictures). A DATA spec is one of:
+
+- ``digits``, ``digits:train`` (the first 1,500), ``digits:test`` (the other 297): scikit-learn's 8x8 digits;
+  ``photos`` (1,200 16x16 RGB patches of the two photographs scikit-learn ships, ``photos:train`` = first 1,000,
+  ``photos:test`` = the rest; ``photos:gray8`` = 8x8 grayscale versions);
+- a folder of images (PNG, JPEG, ...; read with Pillow), ids 0..N-1 in sorted file-name order; a folder of
+  sub-folders of images is read per class (``labels`` = the sub-folder's index in sorted order);
+- one image file;
+- an ``.npy`` array, or an ``.npz`` with ``images`` and optionally ``ids`` (N,) unique integers and ``labels``;
+  arrays (N, H, W), (N, C, H, W) or channels-last (N, H, W, C), C in {1, 3}.
+
+Values (:class:`DataOptions`): uint8 is read as [0, 255]; float must be in [-1, 1], or be declared with
+``value_range`` ("0,1", "0,255"): float data that looks like [0, 1] or [0, 255] is refused with a message naming the
+option, never silently read as [-1, 1]. ``resize`` (H, W) resizes every image (bilinear, antialiased): images of
+different sizes are refused without it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from projidx.errors import ProjidxError, one_line
+from projidx.settings import DataOptions
 
 DIGITS_TRAIN = 1500
 PHOTO_PATCHES, PHOTOS_TRAIN = 1200, 1000
 BUILTIN = ("digits", "digits:train", "digits:test", "photos", "photos:train", "photos:test", "photos:gray8")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 @dataclass(frozen=True)
 class ImageSet:
-    """images: (N, C, H, W) float32 in [-1, 1]; ids: (N,) int64, unique."""
+    """images: (N, C, H, W) float32 in [-1, 1]; ids: (N,) int64, unique; names: N display names (file names) or
+    None; labels: (N,) int64 class labels or None."""
 
     name: str
     images: torch.Tensor
     ids: torch.Tensor
+    names: tuple[str, ...] | None = field(default=None, compare=False)
+    labels: torch.Tensor | None = field(default=None, compare=False)
+    options: DataOptions = field(default=DataOptions(), compare=False)  # how it was read (to read it again)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -48,19 +64,96 @@ class ImageSet:
         return h.hexdigest()
 
     def subset(self, rows: slice) -> ImageSet:
-        return ImageSet(self.name, self.images[rows], self.ids[rows])
+        return ImageSet(self.name, self.images[rows], self.ids[rows],
+                        self.names[rows] if self.names is not None else None,
+                        self.labels[rows] if self.labels is not None else None, self.options)
+
+    def display_names(self, ids: np.ndarray) -> list[list[str]]:
+        """(M, k) ids -> their file names (or the ids as text); "" for the empty slot -1."""
+        by_id = {int(i): (self.names[r] if self.names is not None else str(int(i)))
+                 for r, i in enumerate(self.ids.tolist())}
+        return [[by_id.get(int(i), "") if int(i) >= 0 else "" for i in row] for row in np.atleast_2d(ids)]
 
 
-def load_dataset(spec: str) -> ImageSet:
+def load_dataset(spec: str, options: DataOptions = DataOptions()) -> ImageSet:
     """Load a DATA spec (see module docstring); raises :class:`ProjidxError` on bad input."""
     if spec.startswith("digits") and spec in BUILTIN:
-        return _digits(spec)
+        return _resized(_digits(spec), options)
     if spec.startswith("photos") and spec in BUILTIN:
-        return _photos(spec)
+        return _resized(_photos(spec), options)
     path = Path(spec)
     if not path.exists():
-        raise ProjidxError(f"data {spec!r}: no such file (expected one of {', '.join(BUILTIN)} or an .npz path)")
-    return from_npz(path)
+        raise ProjidxError(f"data {spec!r}: no such file or folder (expected one of {', '.join(BUILTIN)}, an image"
+                           " folder, an image file, an .npy or an .npz)")
+    if path.is_dir():
+        return from_folder(path, options)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return from_image_files(path.parent, [path.name], None, options, name=str(path.resolve()))
+    if path.suffix.lower() == ".npy":
+        try:
+            images = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise ProjidxError(f"data {path}: not a readable .npy file ({one_line(e)})") from e
+        return from_arrays(images, None, name=str(path.resolve()), options=options)
+    return from_npz(path, options)
+
+
+def _resized(data: ImageSet, options: DataOptions) -> ImageSet:
+    if options.resize is None or tuple(data.images.shape[2:]) == tuple(options.resize):
+        return data
+    images = torch.nn.functional.interpolate(data.images, size=tuple(options.resize), mode="bilinear",
+                                             antialias=True, align_corners=False).clamp(-1, 1)
+    return replace(data, images=images.contiguous())
+
+
+def from_folder(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
+    """A folder of images (ids in sorted file-name order), or of one sub-folder of images per class."""
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if files:
+        return from_image_files(path, files, None, options, name=str(path.resolve()))
+    per_class = [(c, sorted(p.name for p in (path / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+                 for c in classes]
+    per_class = [(c, names) for c, names in per_class if names]
+    if not per_class:
+        raise ProjidxError(f"data {path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder or its"
+                           " sub-folders")
+    files = [f"{c}/{n}" for c, names in per_class for n in names]
+    labels = [k for k, (_, names) in enumerate(per_class) for _ in names]
+    return from_image_files(path, files, labels, options, name=str(path.resolve()))
+
+
+def from_image_files(root: Path, files: list[str], labels: list[int] | None, options: DataOptions,
+                     name: str) -> ImageSet:
+    """Read image files (Pillow) as uint8 arrays: grayscale stays one channel unless some image has colour."""
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(root / f) as img:
+                img.load()
+                gray = img.mode in ("1", "L", "I;16", "I", "F")
+                arrays.append(np.asarray(img.convert("L" if gray else "RGB")))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ProjidxError(f"data {root / f}: not a readable image ({one_line(e)})") from e
+    color = any(a.ndim == 3 for a in arrays)
+    if color:
+        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if len(sizes) > 1:
+        if options.resize is None:
+            raise ProjidxError(f"data {name}: images have different sizes ({sizes[0][0]}x{sizes[0][1]},"
+                               f" {sizes[-1][0]}x{sizes[-1][1]}, ...): pass --resize HxW")
+        from PIL import Image as PILImage
+
+        h, w = options.resize
+        arrays = [np.asarray(PILImage.fromarray(a).resize((w, h), PILImage.BILINEAR)) for a in arrays]
+    stacked = np.stack(arrays)
+    stacked = stacked.transpose(0, 3, 1, 2) if stacked.ndim == 4 else stacked[:, None]
+    data = from_arrays(stacked, None, name=name, options=options)
+    return replace(data, names=tuple(files),
+                   labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None)
 
 
 def _digits(spec: str) -> ImageSet:
@@ -95,45 +188,83 @@ def _photos(spec: str) -> ImageSet:
     return ImageSet(spec, images, ids).subset(rows[spec])
 
 
-def from_npz(path: Path) -> ImageSet:
+def from_npz(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "images" not in f.files:
                 raise ProjidxError(f"data {path}: no array named 'images' (found: {', '.join(f.files) or 'none'})")
             images = f["images"]
             ids = f["ids"] if "ids" in f.files else None
+            labels = f["labels"] if "labels" in f.files else None
     except ProjidxError:
         raise
     except Exception as e:  # zip/format errors from numpy
-        raise ProjidxError(f"data {path}: not a readable .npz file ({one_line(e)})") from e
-    return from_arrays(images, ids, name=str(path.resolve()))
+        raise ProjidxError(f"data {path}: not a readable .npz file ({one_line(e)}); a folder of images, an image"
+                           " file, an .npy or an .npz is expected") from e
+    data = from_arrays(images, ids, name=str(path.resolve()), options=options)
+    if labels is not None:
+        if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ProjidxError(f"data {path}: 'labels' must be {len(data)} integers, got {labels.dtype} {labels.shape}")
+        data = replace(data, labels=torch.from_numpy(labels.astype(np.int64)))
+    return data
 
 
-def from_arrays(images: np.ndarray, ids: np.ndarray | None = None, name: str = "arrays") -> ImageSet:
-    """Validate and convert raw arrays to an :class:`ImageSet` (see module docstring for the rules)."""
+def channels_first(images: np.ndarray, name: str) -> np.ndarray:
+    """(N, C, H, W) from (N, H, W), (N, C, H, W) or channels-last (N, H, W, C), C in {1, 3}."""
     if images.ndim == 3:
-        images = images[:, None]
+        return images[:, None]
     if images.ndim != 4:
-        raise ProjidxError(f"data {name}: 'images' must be (N,H,W) or (N,C,H,W), got shape {images.shape}")
-    n, c, h, w = images.shape
+        raise ProjidxError(f"data {name}: images must be (N,H,W), (N,C,H,W) or (N,H,W,C), got shape {images.shape}")
+    if images.shape[1] in (1, 3):
+        return images
+    if images.shape[3] in (1, 3):
+        return images.transpose(0, 3, 1, 2)
+    raise ProjidxError(f"data {name}: images must have 1 or 3 channels (first or last axis), got shape"
+                       f" {images.shape}")
+
+
+def to_unit_range(images: np.ndarray, value_range: str, name: str) -> np.ndarray:
+    """float32 in [-1, 1] from uint8 or float images, per ``value_range`` (DataOptions); refuses float data whose
+    range says it is not what was declared (or, for auto, not [-1, 1])."""
+    if images.dtype == np.uint8 and value_range in ("auto", "0,255"):
+        return images.astype(np.float32) / 255.0 * 2.0 - 1.0
+    if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+        raise ProjidxError(f"data {name}: images must be uint8 or float, got {images.dtype}")
+    x = images.astype(np.float32)
+    bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if bad.any():
+        raise ProjidxError(f"data {name}: image {int(np.argmax(bad))} contains NaN or inf")
+    lo, hi = float(x.min()), float(x.max())
+    declared = {"-1,1": (-1.0, 1.0), "0,1": (0.0, 1.0), "0,255": (0.0, 255.0)}
+    if value_range == "auto":
+        if lo >= -1e-4 and hi <= 1 + 1e-4:
+            raise ProjidxError(f"data {name}: float images in [{lo:.3g}, {hi:.3g}] look like [0, 1], not [-1, 1]:"
+                               " pass --value-range 0,1 (or -1,1 if they are in [-1, 1])")
+        if lo >= -1e-4 and hi <= 255 + 1e-3:
+            raise ProjidxError(f"data {name}: float images in [{lo:.3g}, {hi:.3g}] look like [0, 255]: pass"
+                               " --value-range 0,255")
+        value_range = "-1,1"
+    a, b = declared[value_range]
+    tol = 1e-4 * (b - a)
+    if lo < a - tol or hi > b + tol:
+        raise ProjidxError(f"data {name}: images must lie in [{a:g}, {b:g}] (--value-range {value_range}), got"
+                           f" [{lo:.3g}, {hi:.3g}]")
+    return ((x - a) / (b - a) * 2.0 - 1.0).clip(-1, 1).astype(np.float32)
+
+
+def from_arrays(images: np.ndarray, ids: np.ndarray | None = None, name: str = "arrays",
+                options: DataOptions = DataOptions()) -> ImageSet:
+    """Validate and convert raw arrays to an :class:`ImageSet` (see module docstring for the rules)."""
+    images = channels_first(images, name)
+    n = len(images)
     if n == 0:
         raise ProjidxError(f"data {name}: the dataset is empty")
+    x = to_unit_range(images, options.value_range, name)
+    if options.resize is not None and tuple(x.shape[2:]) != tuple(options.resize):
+        x = _resized(ImageSet(name, torch.from_numpy(np.ascontiguousarray(x)), torch.zeros(n)), options).images.numpy()
+    c, h, w = x.shape[1:]
     if c not in (1, 3) or h < 8 or w < 8:
-        raise ProjidxError(f"data {name}: images must have 1 or 3 channels and be at least 8x8, got {images.shape[1:]}")
-    if images.dtype == np.uint8:
-        x = images.astype(np.float32) / 255.0 * 2.0 - 1.0
-    elif np.issubdtype(images.dtype, np.floating):
-        x = images.astype(np.float32)
-        bad = ~np.isfinite(x).reshape(n, -1).all(axis=1)
-        if bad.any():
-            raise ProjidxError(f"data {name}: image {int(np.argmax(bad))} contains NaN or inf")
-        if x.min() < -1.0 - 1e-4 or x.max() > 1.0 + 1e-4:
-            raise ProjidxError(
-                f"data {name}: float images must lie in [-1, 1], got [{x.min():.3g}, {x.max():.3g}]"
-                " (pass uint8 in [0, 255] to have them scaled)"
-            )
-    else:
-        raise ProjidxError(f"data {name}: images must be uint8 or float, got {images.dtype}")
+        raise ProjidxError(f"data {name}: images must have 1 or 3 channels and be at least 8x8, got {x.shape[1:]}")
     if ids is None:
         id_arr = np.arange(n, dtype=np.int64)
     else:
@@ -144,4 +275,4 @@ def from_arrays(images: np.ndarray, ids: np.ndarray | None = None, name: str = "
             raise ProjidxError(f"data {name}: 'ids' are not unique")
         if (id_arr < 0).any():
             raise ProjidxError(f"data {name}: 'ids' must be non-negative (-1 marks an empty result slot)")
-    return ImageSet(name, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(id_arr))
+    return ImageSet(name, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(id_arr), options=options)

@@ -89,8 +89,9 @@ def run_demo(out: Path, cache: str | Path | None = None) -> dict:
             "query_labels": [int(i) for i in _digit_labels(queries.ids.numpy())],
             "top_labels": _digit_labels(res.ids).tolist(),
         }
-        attribution_grid(out / f"{method}.png", queries.images.numpy(), training_images(store, res.ids),
-                         res.scores, title=f"{TITLES[method]}: held-out digit (left), top training images by influence")
+        attribution_grid(out / f"{method}.png", queries.images.numpy(), training_images(store, res.ids, data),
+                         res.scores, title=f"{TITLES[method]}: held-out digit (left), top training images by influence",
+                         labels=data.display_names(res.ids), query_labels=[str(int(i)) for i in queries.ids])
     summary = {
         "train_samples": len(data),
         "checkpoints": len(ckpts.checkpoints),

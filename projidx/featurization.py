@@ -152,6 +152,7 @@ def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, confi
         train_draws=config.train_draws,
         noise=config.noise,
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
+        dataset_options=data.options.to_dict(),
     )
 
 

@@ -19,6 +19,32 @@ TRAIN_TIMESTEP_MODES = (*MODES, "auto")
 KINDS = ("sjlt", "srht", "dense", "factorized", "identity")  # projector kinds
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector
 METHODS = ("tracin", "retrac", "cosine", "matched")
+VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a DATA spec's values are read: ``value_range`` (VALUE_RANGES; auto: uint8 = [0, 255], float = [-1, 1]
+    and refused when it looks like another range) and ``resize`` (H, W) or None."""
+
+    value_range: str = "auto"
+    resize: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.value_range not in VALUE_RANGES:
+            raise ProjidxError(f"value_range must be one of {', '.join(VALUE_RANGES)}, got {self.value_range!r}")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 8):
+            raise ProjidxError(f"resize must be (H, W) with both >= 8, got {self.resize}")
+
+    def to_dict(self) -> dict:
+        return {"value_range": self.value_range, "resize": list(self.resize) if self.resize else None}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> DataOptions:
+        d = d or {}
+        return cls(d.get("value_range", "auto"), tuple(d["resize"]) if d.get("resize") else None)
+
+
 
 
 TRAIN_TIMESTEP_MODES = (*MODES, "auto")

@@ -70,6 +70,7 @@ class StoreMeta:
     train_draws: int = 1  # noise draws averaged per training-side gradient
     noise: str = "per-sample"  # diffusion.NOISE_POLICIES; stores written before the policy existed are per-sample
     checkpoint_dir: str | None = field(default=None, compare=False)
+    dataset_options: dict = field(default_factory=dict, compare=False)  # data.DataOptions the data was read with
 
     @property
     def gradients_per_sample(self) -> int:
@@ -99,6 +100,7 @@ class StoreMeta:
             "train_draws": self.train_draws,
             "noise": self.noise,
             "checkpoint_dir": self.checkpoint_dir,
+            "dataset_options": self.dataset_options,
         }
 
     @classmethod
@@ -131,6 +133,7 @@ class StoreMeta:
             train_draws=int(d.get("train_draws", 1)),
             noise=d.get("noise", "per-sample"),
             checkpoint_dir=d.get("checkpoint_dir"),
+            dataset_options=dict(d.get("dataset_options") or {}),
         )
 
     def difference(self, other: StoreMeta) -> str | None:

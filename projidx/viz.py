@@ -34,22 +34,34 @@ def attribution_grid(
     train_images: np.ndarray,
     scores: np.ndarray,
     title: str = "",
+    labels: list[list[str]] | None = None,
+    query_labels: list[str] | None = None,
 ) -> None:
-    """Write a PNG: row i = query i, then its top-k training images (best first) with their scores.
+    """Write a PNG: row i = query i, then its top-k training images (best first), each with its score above and
+    its id or file name (``labels`` (M, k), ``query_labels`` (M,)) below.
 
     query_images: (M, C, H, W); train_images: (M, k, C, H, W); scores: (M, k); all images in [-1, 1].
     """
     m, k = scores.shape
-    fig, axes = plt.subplots(m, k + 1, figsize=(1.2 * (k + 1), 1.3 * m + 0.4), squeeze=False)
+    fig, axes = plt.subplots(m, k + 1, figsize=(1.3 * (k + 1), 1.55 * m + 0.5), squeeze=False)
     for i in range(m):
         _show(axes[i, 0], query_images[i])
         axes[i, 0].set_title("query", fontsize=7)
+        if query_labels is not None:
+            axes[i, 0].set_xlabel(_short(query_labels[i]), fontsize=6)
         for j in range(k):
             _show(axes[i, j + 1], train_images[i, j])
             axes[i, j + 1].set_title(f"{scores[i, j]:.3g}", fontsize=7)
+            if labels is not None:
+                axes[i, j + 1].set_xlabel(_short(labels[i][j]), fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, path, dpi=100)
+
+
+def _short(text: str, limit: int = 14) -> str:
+    """A label that fits under a thumbnail: the end of a long file name."""
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
 
 
 def norm_vs_timestep(path: str | Path, bias: dict) -> None:

@@ -109,7 +109,7 @@ def test_bad_data_files(tmp_path, pipeline, rgb_npz):
     (tmp_path / "garbage.npz").write_bytes(b"not a zip")
     cases = {
         "noimages.npz": "no array named 'images'",
-        "rank.npz": "must be (N,H,W) or (N,C,H,W)",
+        "rank.npz": "must be (N,H,W), (N,C,H,W) or (N,H,W,C)",
         "nan.npz": "NaN or inf",
         "inf.npz": "NaN or inf",
         "empty.npz": "empty",
@@ -361,3 +361,32 @@ def test_featurize_resumes_from_the_recorded_settings(tmp_path, pipeline, rgb_np
     assert tree_digest(store) == before
     r = run("featurize", "--checkpoints", d / "ck", "--data", train_npz, "--store", store, "--proj-dim", 32, ok=False)
     assert_clean_error(r, "different projector spec")
+
+
+def test_cli_pipeline_on_a_folder_of_pngs_names_the_training_files(tmp_path):
+    from PIL import Image
+
+    from projidx.data import load_dataset
+
+    digits = load_dataset("digits").subset(slice(0, 26))
+    pixels = ((digits.images.numpy()[:, 0] + 1) * 127.5).round().astype(np.uint8)
+    (tmp_path / "train").mkdir()
+    for i, img in enumerate(pixels[:24]):
+        Image.fromarray(np.kron(img, np.ones((2, 2), np.uint8))).save(tmp_path / "train" / f"digit_{i:03d}.png")
+    Image.fromarray(np.kron(pixels[24], np.ones((2, 2), np.uint8))).save(tmp_path / "query.png")
+    run("train", "--data", tmp_path / "train", "--out", tmp_path / "ck", "--epochs", 2, "--checkpoints", 1,
+        "--width", 8)
+    run("featurize", "--checkpoints", tmp_path / "ck", "--data", tmp_path / "train", "--store", tmp_path / "s.zarr",
+        "--timesteps", 2, "--proj-dim", 32)
+    run("index", "--store", tmp_path / "s.zarr")
+    out = run("query", "--store", tmp_path / "s.zarr", "--data", tmp_path / "train" / "digit_005.png", "--top-k", 3,
+              "--out", tmp_path / "r.json", "--png", tmp_path / "r.png").output
+    assert "featurized in" in out and "searched in" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    entry = result["queries"][0]
+    assert entry["query_name"] == "digit_005.png"
+    assert entry["names"][0] == "digit_005.png" and entry["ids"][0] == 5  # a training image finds itself
+    assert all(n.startswith("digit_") for n in entry["names"]) and (tmp_path / "r.png").is_file()
+    r = run("query", "--store", tmp_path / "s.zarr", "--data", tmp_path / "query.png", "--resize", "8x8",
+            "--out", tmp_path / "r2.json", ok=False)
+    assert_clean_error(r, "query images are (1, 8, 8)", "(1, 16, 16)")

@@ -23,8 +23,69 @@ def test_npz_rules():
     x = from_arrays(np.full((2, 8, 8), 255, np.uint8))
     assert x.images.shape == (2, 1, 8, 8) and float(x.images.max()) == 1.0
     with pytest.raises(ProjidxError, match=r"\[-1, 1\]"):
-        from_arrays(np.full((2, 8, 8), 2.0, np.float32))
+        from_arrays(np.full((2, 8, 8), -3.0, np.float32))
     with pytest.raises(ProjidxError, match="not unique"):
         from_arrays(np.zeros((2, 8, 8), np.uint8), np.array([3, 3]))
     with pytest.raises(ProjidxError, match="1 or 3 channels"):
         from_arrays(np.zeros((2, 2, 8, 8), np.uint8))
+
+
+def _png_folder(folder, images, mode):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img, mode=mode).save(folder / f"img_{i:02d}.png")
+    return folder
+
+
+def test_image_folders_single_images_and_classes(tmp_path):
+    from projidx.data import DataOptions
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (5, 12, 10), dtype=np.uint8)
+    data = load_dataset(str(_png_folder(tmp_path / "gray", gray, "L")))
+    assert tuple(data.images.shape) == (5, 1, 12, 10) and data.names == tuple(f"img_{i:02d}.png" for i in range(5))
+    np.testing.assert_allclose(data.images[:, 0].numpy(), gray / 255 * 2 - 1, atol=1e-6)
+    assert data.ids.tolist() == [0, 1, 2, 3, 4]
+    rgb = rng.integers(0, 256, (3, 9, 9, 3), dtype=np.uint8)
+    one = load_dataset(str(_png_folder(tmp_path / "rgb", rgb, "RGB") / "img_01.png"))
+    assert tuple(one.images.shape) == (1, 3, 9, 9) and one.names == ("img_01.png",)
+    np.testing.assert_allclose(one.images[0].numpy(), rgb[1].transpose(2, 0, 1) / 255 * 2 - 1, atol=1e-6)
+    _png_folder(tmp_path / "classes" / "cat", gray[:2], "L")
+    _png_folder(tmp_path / "classes" / "dog", gray[2:5], "L")
+    by_class = load_dataset(str(tmp_path / "classes"))
+    assert by_class.labels.tolist() == [0, 0, 1, 1, 1] and by_class.names[2] == "dog/img_00.png"
+    from PIL import Image
+
+    Image.fromarray(gray[0]).save(tmp_path / "gray" / "big.jpg")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "gray" / "zz.png")
+    with pytest.raises(ProjidxError, match="different sizes .* --resize"):
+        load_dataset(str(tmp_path / "gray"))
+    resized = load_dataset(str(tmp_path / "gray"), DataOptions(resize=(16, 16)))
+    assert tuple(resized.images.shape) == (7, 1, 16, 16) and "big.jpg" in resized.names
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProjidxError, match="no image files"):
+        load_dataset(str(tmp_path / "empty"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ProjidxError, match="not a readable image"):
+        load_dataset(str(tmp_path / "bad.png"))
+
+
+def test_channels_last_npy_and_value_ranges(tmp_path):
+    from projidx.data import DataOptions
+
+    rng = np.random.default_rng(1)
+    unit = rng.uniform(0, 1, (4, 10, 10, 3)).astype(np.float32)  # channels-last, values in [0, 1]
+    np.save(tmp_path / "x.npy", unit)
+    with pytest.raises(ProjidxError, match="look like \\[0, 1\\].*--value-range 0,1"):
+        load_dataset(str(tmp_path / "x.npy"))
+    data = load_dataset(str(tmp_path / "x.npy"), DataOptions(value_range="0,1"))
+    assert tuple(data.images.shape) == (4, 3, 10, 10)
+    np.testing.assert_allclose(data.images.numpy(), unit.transpose(0, 3, 1, 2) * 2 - 1, atol=1e-6)
+    with pytest.raises(ProjidxError, match="look like \\[0, 255\\]"):
+        from_arrays((unit * 255).astype(np.float32))
+    with pytest.raises(ProjidxError, match="must lie in \\[0, 1\\]"):
+        from_arrays(unit * 2, options=DataOptions(value_range="0,1"))
+    np.savez(tmp_path / "l.npz", images=(unit * 255).astype(np.uint8), labels=np.array([1, 0, 1, 2]))
+    assert load_dataset(str(tmp_path / "l.npz")).labels.tolist() == [1, 0, 1, 2]
