@@ -14,6 +14,10 @@ from projidx.featurization import featurize_queries
 from projidx.store import FeatureStore
 
 
+def _label(data: ImageSet, row: int) -> str:
+    return data.names[row] if data.names is not None else str(int(data.ids[row]))
+
+
 def _write(out: Path, name: str, payload: dict) -> Path:
     path = out / name
     path.write_text(json.dumps(payload, indent=1))
@@ -73,13 +77,18 @@ def self_influence_report(
     progress: bool = True,
 ) -> dict:
     """self_influence.json: every training sample's score against itself per method, highest first lists,
-    and self_influence.png (histograms). High self-influence flags outliers and mislabeled images."""
+    self_influence.png (histograms) and self_influence_top.png (the 12 highest training images per method, with
+    their ids or file names). High self-influence flags outliers and mislabeled images."""
     train = store_dataset(store)
     own = featurize_queries(store, store_checkpoints(store), train, query_timesteps, noise_draws, progress=progress)
     ids = store.ids()
     scores = {m: analysis.self_influence(store, own, m) for m in methods}
     out.mkdir(parents=True, exist_ok=True)
     viz.score_histogram(out / "self_influence.png", scores, "self-influence per training sample")
+    top = {m: np.argsort(-s)[:12] for m, s in scores.items()}
+    viz.image_rows(out / "self_influence_top.png", {m: train.images[rows].numpy() for m, rows in top.items()},
+                   {m: [f"{_label(train, r)}\n{scores[m][r]:.3g}" for r in rows] for m, rows in top.items()},
+                   "highest self-influence (outlier candidates), per method")
     report = {
         "query_timesteps": query_timesteps,
         "noise_draws": noise_draws,

@@ -59,6 +59,24 @@ def attribution_grid(
     _save(fig, path, dpi=100)
 
 
+def image_rows(path: str | Path, rows: dict[str, np.ndarray], captions: dict[str, list[str]], title: str) -> None:
+    """A PNG with one row of images per key (``rows[key]``: (n, C, H, W) in [-1, 1]), each captioned below."""
+    n = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), n + 1, figsize=(1.3 * (n + 1), 1.6 * len(rows) + 0.5), squeeze=False)
+    for i, (key, images) in enumerate(rows.items()):
+        axes[i, 0].axis("off")
+        axes[i, 0].text(0.5, 0.5, key, ha="center", va="center", fontsize=9)
+        for j in range(n):
+            if j < len(images):
+                _show(axes[i, j + 1], images[j])
+                axes[i, j + 1].set_xlabel(_short(captions[key][j].split("\n")[0]) + "\n"
+                                          + "\n".join(captions[key][j].split("\n")[1:]), fontsize=6)
+            else:
+                axes[i, j + 1].axis("off")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path, dpi=100)
+
+
 def _short(text: str, limit: int = 14) -> str:
     """A label that fits under a thumbnail: the end of a long file name."""
     return text if len(text) <= limit else "..." + text[-(limit - 3):]

@@ -300,6 +300,7 @@ def test_analyze_commands(tmp_path, pipeline, rgb_npz):
     si = json.loads((out / "self_influence.json").read_text())
     assert len(si["scores"]["retrac"]) == 30 and len(si["highest"]["tracin"]) == 20
     assert si["ids"] == (np.arange(30) * 7 + 100).tolist()
+    assert (out / "self_influence_top.png").stat().st_size > 1000
 
 
 def test_bad_device_and_damaged_index(tmp_path, pipeline, rgb_npz):
