@@ -396,6 +396,45 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
         raise ProjidxError("validate: below threshold: " + "; ".join(missed))
 
 
+@main.command()
+@click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(), help="Checkpoint directory.")
+@click.option("--out", required=True, type=click.Path(),
+              help="A folder (one PNG per image) or a file ending in .npz (images + ids) to write.")
+@click.option("--n", "count", default=16, show_default=True, type=click.IntRange(1), help="Images to generate.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps (eta = 0).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the starting noise.")
+@click.option("--checkpoint", "which", default=None, help="Checkpoint id to sample from [default: the last].")
+@_fail_cleanly
+def sample(ckpt_dir, out, count, steps, seed, which) -> None:
+    """Generate images with deterministic DDIM from a checkpoint, as queries for 'projidx query'."""
+    from projidx.checkpoints import check_blob, load_checkpoint_dir
+    from projidx.diffusion import ddim_sample
+    from projidx.files import atomic_path
+
+    ckpts = load_checkpoint_dir(ckpt_dir)
+    by_id = {c.id: c for c in ckpts.checkpoints}
+    if which is not None and which not in by_id:
+        raise ProjidxError(f"--checkpoint {which!r}: no such checkpoint (have {', '.join(by_id)})")
+    ckpt = by_id[which] if which is not None else ckpts.checkpoints[-1]
+    ckpts.model.load_state_dict(check_blob(ckpt.load(), ckpt.id, ckpts.schedule.T)["state_dict"])
+    images = ddim_sample(ckpts.model.eval(), ckpts.schedule, count, ckpts.image_shape, steps=steps, seed=seed)
+    pixels = ((images.numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+    target = Path(out)
+    if target.suffix == ".npz":
+        import numpy as np
+
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=pixels, ids=np.arange(count))
+    else:
+        from PIL import Image
+
+        target.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(pixels):
+            with atomic_path(target / f"sample_{i:05d}.png") as tmp:
+                Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
+    click.echo(f"wrote {count} images sampled from checkpoint {ckpt.id} ({steps} DDIM steps, seed {seed}) to {out}")
+
+
 @main.group()
 def analyze() -> None:
     """Timestep bias, generally influential samples, self-influence (JSON + PNG reports)."""

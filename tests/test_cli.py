@@ -391,3 +391,22 @@ def test_cli_pipeline_on_a_folder_of_pngs_names_the_training_files(tmp_path):
     r = run("query", "--store", tmp_path / "s.zarr", "--data", tmp_path / "query.png", "--resize", "8x8",
             "--out", tmp_path / "r2.json", ok=False)
     assert_clean_error(r, "query images are (1, 8, 8)", "(1, 16, 16)")
+
+
+def test_sample_writes_generated_queries_that_query_accepts(tmp_path, pipeline):
+    d = pipeline
+    run("sample", "--checkpoints", d / "ck", "--out", tmp_path / "gen", "--n", 3, "--steps", 5, "--seed", 1)
+    names = sorted(p.name for p in (tmp_path / "gen").iterdir())
+    assert names == ["sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    run("sample", "--checkpoints", d / "ck", "--out", tmp_path / "gen.npz", "--n", 3, "--steps", 5, "--seed", 1)
+    with np.load(tmp_path / "gen.npz") as f:
+        assert f["images"].shape == (3, 3, 12, 10) and f["images"].dtype == np.uint8
+    from projidx.data import load_dataset
+
+    assert np.array_equal(load_dataset(str(tmp_path / "gen")).images, load_dataset(str(tmp_path / "gen.npz")).images)
+    out = run("query", "--store", d / "s.zarr", "--data", tmp_path / "gen", "--method", "retrac", "--top-k", 3,
+              "--out", tmp_path / "r.json").output
+    assert "3 queries" in out
+    assert json.loads((tmp_path / "r.json").read_text())["queries"][2]["query_name"] == "sample_00002.png"
+    assert_clean_error(run("sample", "--checkpoints", d / "ck", "--out", tmp_path / "x", "--checkpoint", "nope",
+                           ok=False), "no such checkpoint")
