@@ -435,6 +435,28 @@ def sample(ckpt_dir, out, count, steps, seed, which) -> None:
     click.echo(f"wrote {count} images sampled from checkpoint {ckpt.id} ({steps} DDIM steps, seed {seed}) to {out}")
 
 
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="A featurized store (with its index for --method).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
+@click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@_fail_cleanly
+def serve(store, host, port, device) -> None:
+    """Warm look-ups over HTTP: GET /health, POST /query (JSON with a DATA spec, or an uploaded image file)."""
+    try:
+        import flask  # noqa: F401
+    except ImportError:
+        raise ProjidxError("projidx serve needs Flask: pip install 'projidx[serve]'") from None
+    from werkzeug.serving import make_server
+
+    from projidx.service import QueryService, create_app
+
+    _check_device(device)
+    server = make_server(host, port, create_app(QueryService(store, device)), threaded=True)
+    click.echo(f"serving {store} on http://{host}:{server.server_port} (GET /health, POST /query); Ctrl-C stops")
+    server.serve_forever()
+
+
 @main.group()
 def analyze() -> None:
     """Timestep bias, generally influential samples, self-influence (JSON + PNG reports)."""

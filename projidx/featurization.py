@@ -407,6 +407,11 @@ def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: in
     return grid, draws
 
 
+def load_state_dicts(ckpts: CheckpointSet) -> list[dict]:
+    """Every checkpoint's state dict, hash-checked and validated (:func:`check_blob`)."""
+    return [check_blob(c.load(), c.id, ckpts.schedule.T)["state_dict"] for c in ckpts.checkpoints]
+
+
 def featurize_queries(
     store: FeatureStore,
     ckpts: CheckpointSet,
@@ -416,10 +421,12 @@ def featurize_queries(
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = True,
+    state_dicts: list[dict] | None = None,
 ) -> QueryFeatures:
     """Featurize query images with the projector, loss, schedule, objective, noise policy and seeds recorded in
     ``store``, at the checkpoints ``ckpts`` (refused unless they are the store's). ``query_timesteps`` (|S|) and
-    ``noise_draws`` (R) default as :func:`query_defaults` says."""
+    ``noise_draws`` (R) default as :func:`query_defaults` says. ``state_dicts``: the checkpoints' weights already
+    loaded and checked (:func:`load_state_dicts`; a warm service keeps them), else each file is read."""
     meta = store.meta
     if queries.image_shape != tuple(meta.image_shape):
         raise ProjidxError(
@@ -438,8 +445,9 @@ def featurize_queries(
     out = QueryFeatures(queries.ids.numpy(), grid, [], [], [], store.uuid)
     bar = tqdm(total=len(ckpts.checkpoints) * len(queries), desc="query features", unit="gradient set",
                disable=not progress)
+    weights = state_dicts if state_dicts is not None else load_state_dicts(ckpts)
     for c, ckpt in enumerate(ckpts.checkpoints):
-        computer.load_state_dict(check_blob(ckpt.load(), ckpt.id, meta.schedule.T)["state_dict"])
+        computer.load_state_dict(weights[c])
         parts = []
         for block in range(0, len(queries), per_block):
             rows = slice(block, min(block + per_block, len(queries)))
