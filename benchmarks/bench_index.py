@@ -7,12 +7,13 @@ one z ~ N(0, I) shared by both checkpoints (the checkpoints of one sample are co
 resampled from the real norms. Queries: 256 fresh draws of the same distribution.
 
 Per index (each built and searched in a child process, so its peak RSS is its own): build time, peak RSS of the
-build (the recall report included; the search phase is reported apart), the index's size on disk, ms per query
-in batches of 32, recall@10 against the exact scan of the store, for IVF indices at several nprobe. Index types: Flat, IVF-Flat, HNSW32 (retrac vectors are unit norm per checkpoint),
-IVF-SQfp16, IVF-SQfp16 on disk, IVF-PQ64, and IVF-PQ64 with an exact re-rank of 100 candidates from the store; the
-exact streaming scan (``query --exact``) alongside. At 1e6, HNSW32 (its build alone exceeds the time budget on 2
-cores) and the re-rank (100 candidates x 32 queries touch every row-chunk, so it costs a full scan per batch) are
-not run. IVF indices are trained on min(39 x nlist, 100,000) sampled rows.
+build (the recall report included; the search phase is reported apart), the index's size on disk, ms per query in
+batches of 32, recall@10 against the exact scan of the store, for IVF indices at several nprobe. Index types: Flat,
+IVF-Flat, HNSW32 (retrac vectors are unit norm per checkpoint), IVF-SQfp16, IVF-SQfp16 on disk, IVF-PQ64, and IVF-
+PQ64 with an exact re-rank of 100 candidates from the store; the exact streaming scan (``query --exact``)
+alongside. At 1e6, HNSW32 (its build alone exceeds the time budget on 2 cores) and the re-rank (100 candidates x 32
+queries touch every row-chunk, so it costs a full scan per batch) are not run. IVF indices are trained on min(39 x
+nlist, 100,000) sampled rows.
 
     python benchmarks/bench_index.py --out bench-out/bench_index.json                # ~30 min on 2 cores
     python benchmarks/bench_index.py --sizes 10000 --out /tmp/bi.json              # smoke run
