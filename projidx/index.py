@@ -206,6 +206,7 @@ def _build_faiss(faiss, store: FeatureStore, method: str, config: IndexConfig, s
             index.train(_training_sample(store, method, config.train_rows, config.seed, sketch))
         if config.on_disk:
             return path, _fill_on_disk(faiss, index, store, method, sketch, path)
+        _reserve_lists(faiss, index, store, method, sketch)
         for _, vectors in chunk_vectors(store, method, transform=sketch):
             index.add(vectors)
     except RuntimeError as e:
@@ -213,6 +214,28 @@ def _build_faiss(faiss, store: FeatureStore, method: str, config: IndexConfig, s
                            f" ({one_line(e)})") from e
     _write(faiss, index, path)
     return path, None
+
+
+def _reserve_lists(faiss, index, store: FeatureStore, method: str, sketch: Sketch | None) -> None:
+    """Size every inverted list of an empty trained IVF index to its final length before filling it (one extra
+    pass that assigns each vector to its list): lists filled one chunk at a time otherwise grow by doubling and can
+    hold up to twice the index's size at once. Indices without IVF lists, or with a transform before the IVF
+    (whose assignment happens in the transformed space), are filled as they are."""
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+        return
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.ArrayInvertedLists):
+        return
+    counts = np.zeros(ivf.nlist, np.int64)
+    for _, vectors in chunk_vectors(store, method, transform=sketch):
+        counts += np.bincount(ivf.quantizer.search(vectors, 1)[1].ravel(), minlength=ivf.nlist)
+    for list_no, count in enumerate(counts.tolist()):
+        lists.resize(list_no, count)  # allocates the final capacity ...
+        lists.resize(list_no, 0)  # ... and keeps it: filling the list then never reallocates
 
 
 def _write(faiss, index, path: Path) -> None:
