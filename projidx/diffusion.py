@@ -198,8 +198,13 @@ class DiffusersEps(nn.Module):
 
 
 def schedule_from_diffusers(scheduler: object) -> NoiseSchedule:
-    """The :class:`NoiseSchedule` matching a diffusers ``DDPMScheduler`` (linear or squaredcos_cap_v2)."""
+    """The :class:`NoiseSchedule` matching a diffusers ``DDPMScheduler`` (linear or squaredcos_cap_v2); refuses a
+    scheduler whose model predicts anything but the noise (projidx's loss is the epsilon loss)."""
     config = scheduler.config  # type: ignore[attr-defined]
+    prediction = getattr(config, "prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(f"the diffusers scheduler's prediction_type is {prediction!r}: only 'epsilon' models are"
+                         " supported (their loss is the one attributed)")
     kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
     if config.beta_schedule not in kinds:
         raise ValueError(f"unsupported diffusers beta_schedule {config.beta_schedule!r}")

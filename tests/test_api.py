@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -76,6 +77,8 @@ def test_diffusers_unet_per_sample_gradients_match_a_loop():
     torch.manual_seed(0)
     schedule = schedule_from_diffusers(DDPMScheduler(num_train_timesteps=1000))
     assert schedule == NoiseSchedule("linear", 1000)
+    with pytest.raises(ValueError, match="prediction_type is 'v_prediction'"):
+        schedule_from_diffusers(DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"))
     model = DiffusersEps(_tiny_diffusers_unet())
     computer = GradientComputer(model, schedule, "mse")
     x0, t, eps = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([3, 300, 900]), torch.randn(3, 1, 1, 8, 8)
