@@ -285,7 +285,7 @@ def _pending(store: FeatureStore, cid: str) -> list[int]:
     """Chunks of ``cid`` to compute: not done (an unreadable done record counts as not done), or done but
     failing validation against the record (then un-marked)."""
     pending = []
-    for i, record in enumerate(store._records(cid, unreadable_as_undone=True)):
+    for i, record in enumerate(store.records(cid, unreadable_as_undone=True)):
         if record:
             try:
                 store.read_chunk(cid, i, int(record))

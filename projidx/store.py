@@ -406,7 +406,7 @@ class FeatureStore:
         self.group[f"done/{cid}"][chunk] = 0
 
     # ---- reading ---------------------------------------------------------------------------------
-    def _records(self, cid: str, unreadable_as_undone: bool = False) -> np.ndarray:
+    def records(self, cid: str, unreadable_as_undone: bool = False) -> np.ndarray:
         """(n_chunks,) uint64 done records of ``cid`` (bool markers of version 1 as 0/1). An unreadable record is
         an error, or 0 (not done) when ``unreadable_as_undone`` (featurize then recomputes that chunk)."""
         array = self.group[f"done/{cid}"]
@@ -424,10 +424,18 @@ class FeatureStore:
                 out[i] = 0
         return out
 
-    def done(self, cid: str, unreadable_as_undone: bool = False) -> np.ndarray:
-        """(n_chunks,) bool: row-chunk i of ``cid`` has a done record (see :meth:`_records`)."""
+    def record(self, cid: str, chunk: int) -> int:
+        """Row-chunk ``chunk``'s done record (0: not done), reading that record alone."""
         try:
-            return self._records(cid, unreadable_as_undone) != 0
+            return int(self.group[f"done/{cid}"][chunk])
+        except Exception as e:
+            raise ProjidxError(f"store {self.path}: the done record of checkpoint {cid}, chunk {chunk} is unreadable"
+                               f" ({one_line(e)}); re-run 'projidx featurize' to repair it") from e
+
+    def done(self, cid: str, unreadable_as_undone: bool = False) -> np.ndarray:
+        """(n_chunks,) bool: row-chunk i of ``cid`` has a done record (see :meth:`records`)."""
+        try:
+            return self.records(cid, unreadable_as_undone) != 0
         except ProjidxError:
             raise
         except Exception as e:
@@ -443,7 +451,7 @@ class FeatureStore:
         rows = self.rows(chunk)
         where = f"store {self.path}: checkpoint {cid}, rows {rows.start}-{rows.stop - 1} (chunk {chunk})"
         if record is None:
-            record = int(self._records(cid)[chunk])
+            record = self.record(cid, chunk)
         if not record:
             raise ProjidxError(f"{where} is not featurized yet; run 'projidx featurize' on this store")
         try:
@@ -472,7 +480,7 @@ class FeatureStore:
         return np.concatenate([p.norms for p in parts]), np.concatenate([p.timesteps for p in parts])
 
     def chunks(self, cid: str) -> Iterator[tuple[slice, Chunk]]:
-        records = self._records(cid)
+        records = self.records(cid)
         for chunk in range(self.n_chunks):
             yield self.rows(chunk), self.read_chunk(cid, chunk, int(records[chunk]))
 

@@ -79,7 +79,7 @@ def test_a_damaged_done_record_is_repaired_by_featurize(copy, digits, damage):
     else:
         raw[0] ^= 0x10
     record.write_bytes(bytes(raw))
-    assert_clean_error(query(copy, digits, "retrac", False, "--exact"), "done records", "re-run 'projidx featurize'")
+    assert_clean_error(query(copy, digits, "retrac", False, "--exact"), "done record", "re-run 'projidx featurize'")
     run(*featurize_args(copy, digits))
     assert arrays_of(copy / "s.zarr") == before
     query(copy, digits, "retrac", True, "--exact")
