@@ -26,7 +26,7 @@ _EXPORTS = {
     "schedule_from_diffusers": "projidx.diffusion",
     "ProjidxError": "projidx.errors",
     "FeaturizeConfig": "projidx.settings",
-    "QueryFeatures": "projidx.featurization",
+    "QueryFeatures": "projidx.features",
     "featurize": "projidx.featurization",
     "featurize_queries": "projidx.featurization",
     "build_index": "projidx.index",

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from projidx.featurization import QueryFeatures
+from projidx.features import QueryFeatures
 from projidx.scoring import check_method, side_vectors
 from projidx.store import FeatureStore
 

@@ -15,7 +15,8 @@ import numpy as np
 from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
 from projidx.data import IMAGE_SUFFIXES, DataOptions, ImageSet, load_dataset
 from projidx.errors import ProjidxError
-from projidx.featurization import QueryFeatures, featurize_queries
+from projidx.features import QueryFeatures
+from projidx.featurization import featurize_queries
 from projidx.index import load_index
 from projidx.scoring import check_method, exact_topk, query_vectors
 from projidx.store import FeatureStore

@@ -185,6 +185,11 @@ class FactorizedGradients:
         """Load a checkpoint's weights (strict: every key must match the model)."""
         self.model.load_state_dict(state_dict, strict=True)
 
+    def project(self, projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`projidx.grads.GradientSource.project` through layer factors: no weight gradient is formed."""
+        return project_capture(projector, self.capture(x0, t, eps), self.names, groups)
+
     def capture(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Capture:
         """Factors of the per-sample gradients of mean_r L(x0_b, t_b, eps_b,r).
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,9 @@ from projidx.diffusion import (
     timestep_grid,
 )
 from projidx.errors import ProjidxError, one_line
-from projidx.factorized import FactorizedGradients, factorizable_modules, project_capture
-from projidx.grads import GradientComputer, model_fingerprint, parameter_shapes
+from projidx.factorized import FactorizedGradients, factorizable_modules
+from projidx.features import QueryFeatures
+from projidx.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
 from projidx.projection import Projector, ProjectorSpec, make_projector
 from projidx.settings import GRIDS, FeaturizeConfig
 from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock
@@ -102,7 +103,7 @@ def _unit(
 def gradient_computer(
     model: torch.nn.Module, schedule: NoiseSchedule, loss: str, spec: ProjectorSpec, device: str,
     objective: str = "loss",
-) -> GradientComputer | FactorizedGradients:
+) -> GradientSource:
     """The per-sample gradient source for ``spec``: layer factors (factorized) or torch.func gradients."""
     if spec.kind != "factorized":
         return GradientComputer(model, schedule, loss, device, objective)
@@ -112,24 +113,6 @@ def gradient_computer(
         return FactorizedGradients(model, schedule, loss, device)
     except ValueError as e:
         raise ProjidxError(str(e)) from e
-
-
-def project_batch(
-    computer: GradientComputer | FactorizedGradients,
-    projector: Projector,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    eps: torch.Tensor,
-    groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, k) P g, (B,) ||g||^2, (B/groups,) ||mean over groups g||^2 of B per-sample gradients.
-
-    x0: (B, C, H, W); t: (B,); eps: (B, R, C, H, W). One pass: the factorized path never forms a weight
-    gradient; the others read each parameter's gradient once, for its norm and its projection together.
-    """
-    if isinstance(computer, FactorizedGradients):
-        return project_capture(projector, computer.capture(x0, t, eps), computer.names, groups)  # type: ignore[arg-type]
-    return projector.project_with_norms(computer.per_sample(x0, t, eps), groups)
 
 
 def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
@@ -297,7 +280,7 @@ def _pending(store: FeatureStore, cid: str) -> list[int]:
 
 
 def _featurize_rows(
-    computer: GradientComputer | FactorizedGradients,
+    computer: GradientSource,
     projector: Projector,
     rows: ImageSet,
     times: torch.Tensor,
@@ -345,7 +328,7 @@ def projection_rows(projector: Projector, per_batch: int, groups: int) -> int:
 
 
 def _project_samples(
-    computer: GradientComputer | FactorizedGradients,
+    computer: GradientSource,
     projector: Projector,
     rows: ImageSet,
     times: torch.Tensor,
@@ -365,27 +348,13 @@ def _project_samples(
         return x0.repeat_interleave(g, dim=0), t, eps
 
     if stop - start <= per_batch:
-        return project_batch(computer, projector, *inputs(start, stop), groups=g)
-    parts = [computer.per_sample(*inputs(a, min(a + per_batch, stop))) for a in range(start, stop, per_batch)]
+        return computer.project(projector, *inputs(start, stop), groups=g)
+    # a projector that wants more rows per call than one gradient batch (dense) takes full per-sample gradients,
+    # which only the torch.func source forms (the factorized projector never asks for more rows)
+    parts = [computer.per_sample(*inputs(a, min(a + per_batch, stop))) for a in range(start, stop, per_batch)]  # type: ignore[attr-defined]
     grads = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     del parts
     return projector.project_with_norms(grads, g)
-
-
-@dataclass
-class QueryFeatures:
-    """Query-side features for M queries at C checkpoints and |S| timesteps.
-
-    features[c]: (M, S, k) float32 P gbar / ||gbar||; norms[c]: (M, S) ||gbar_c(x', t)||;
-    mean_norms[c]: (M,) ||(1/|S|) sum_t gbar_c(x', t)||, all exact except the projection.
-    """
-
-    ids: np.ndarray
-    timesteps: list[int]
-    features: list[np.ndarray]
-    norms: list[np.ndarray]
-    mean_norms: list[np.ndarray]
-    store_uuid: str | None = None  # the store whose projector made them (None: not checked)
 
 
 def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: int | None) -> tuple[list[int], int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -17,7 +18,24 @@ from torch.func import functional_call, grad, vmap
 
 from projidx.diffusion import NoiseSchedule, attribution_output, q_sample
 
+if TYPE_CHECKING:
+    from projidx.projection import Projector
+
 Grads = dict[str, torch.Tensor]
+Projected = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class GradientSource(Protocol):
+    """What featurization needs of a per-sample gradient source (:class:`GradientComputer`, or the factorized
+    path's ``FactorizedGradients``): a checkpoint's weights in; projected gradients with exact norms out."""
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+
+    def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                groups: int = 1) -> Projected:
+        """(B, k) P g, (B,) ||g||^2 and (B/groups,) ||mean over groups g||^2 of B per-sample gradients; x0 (B, C,
+        H, W), t (B,), eps (B, R, C, H, W)."""
+        ...
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,6 +94,12 @@ class GradientComputer:
         ts = t.reshape(1).expand(r)
         pred = functional_call(self.model, (params, self.buffers), (q_sample(xs, ts, eps, self.abar), ts))
         return attribution_output(pred, eps, self.loss, self.objective).mean()
+
+    def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                groups: int = 1) -> Projected:
+        """:meth:`GradientSource.project`: each parameter's per-sample gradient read once, for its projection and
+        its norm together."""
+        return projector.project_with_norms(self.per_sample(x0, t, eps), groups)
 
     def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Grads:
         """Per-sample gradients.

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from projidx.errors import ProjidxError
-from projidx.featurization import QueryFeatures
+from projidx.features import QueryFeatures
 from projidx.seeding import generator
 from projidx.settings import METHODS
 from projidx.store import FeatureStore

@@ -18,7 +18,7 @@ from projidx.analysis import (
     unique_ratio,
 )
 from projidx.diffusion import NoiseSchedule
-from projidx.featurization import QueryFeatures
+from projidx.features import QueryFeatures
 from projidx.projection import ProjectorSpec
 from projidx.scoring import exact_topk, query_vectors, train_vectors
 from projidx.store import Chunk, FeatureStore, StoreMeta
