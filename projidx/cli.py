@@ -80,7 +80,11 @@ def _close_progress_bars() -> None:
 
 
 def data_options(fn):
-    """--value-range and --resize: how a --data spec's values are read (settings.DataOptions)."""
+    """--value-range, --resize, --image-column, --label-column: how --data is read (settings.DataOptions)."""
+    fn = click.option("--label-column", default=None,
+                      help="Hugging Face datasets: the label column [default: 'label' if present].")(fn)
+    fn = click.option("--image-column", default="image", show_default=True,
+                      help="Hugging Face datasets: the image column.")(fn)
     fn = click.option("--resize", default=None, metavar="HxW",
                       help="Resize every image to H x W (bilinear, antialiased) [default: keep; mixed sizes are"
                            " refused].")(fn)
@@ -89,8 +93,9 @@ def data_options(fn):
                              " that looks like [0, 1] or [0, 255] is refused); or declare -1,1, 0,1, 0,255.")(fn)
 
 
-def _data(spec: str, value_range: str, resize: str | None):
-    """The ImageSet of a --data spec read with --value-range / --resize."""
+def _data(spec: str, value_range: str, resize: str | None, image_column: str = "image",
+          label_column: str | None = None):
+    """The ImageSet of a --data spec read with --value-range / --resize / --image-column / --label-column."""
     from projidx.data import load_dataset
 
     size = None
@@ -100,7 +105,8 @@ def _data(spec: str, value_range: str, resize: str | None):
         except ValueError:
             raise ProjidxError(f"--resize must look like 32x32, got {resize!r}") from None
         size = (h, w)
-    return load_dataset(spec, _flags(DataOptions, value_range=value_range, resize=size))
+    return load_dataset(spec, _flags(DataOptions, value_range=value_range, resize=size, image_column=image_column,
+                                     label_column=label_column))
 
 
 @click.group()
@@ -126,7 +132,7 @@ def main() -> None:
 @data_options
 @_fail_cleanly
 def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule, force, value_range,
-          resize) -> None:
+          resize, image_column, label_column) -> None:
     """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
     from projidx.diffusion import NoiseSchedule
     from projidx.training import TrainConfig
@@ -138,7 +144,7 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
                            " another directory, or pass --force to replace them")
     config = TrainConfig(epochs=epochs, checkpoints=checkpoints, seed=seed, loss=loss, lr=lr,
                          batch_size=batch_size, schedule=NoiseSchedule(schedule), unet=UNetConfig(base=width))
-    ckpts = run_train(_data(data, value_range, resize), out, config)
+    ckpts = run_train(_data(data, value_range, resize, image_column, label_column), out, config)
     click.echo(f"wrote {len(ckpts.checkpoints)} checkpoints to {out}")
 
 
@@ -178,7 +184,7 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
 @_fail_cleanly
 def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector, projection_seed,
               noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data, value_range,
-              resize) -> None:
+              resize, image_column, label_column) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
@@ -193,7 +199,7 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, pr
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
     ckpts = load_checkpoint_dir(ckpt_dir)
-    images = _data(data, value_range, resize)
+    images = _data(data, value_range, resize, image_column, label_column)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
     click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({fs.meta.train_timesteps},"
@@ -281,7 +287,7 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 @data_options
 @_fail_cleanly
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
-          device, value_range, resize) -> None:
+          device, value_range, resize, image_column, label_column) -> None:
     """Top-k influential training samples for each query image."""
     from projidx.attribution import attribute, has_file_names, store_dataset, training_images
     from projidx.files import write_text_atomic
@@ -291,7 +297,7 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     _check_device(device)
     fs = FeatureStore.open(store)
     method = method or default_method(fs)
-    queries = _data(data, value_range, resize)
+    queries = _data(data, value_range, resize, image_column, label_column)
     if limit is not None:
         queries = queries.subset(slice(0, limit))
     result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
@@ -364,7 +370,7 @@ def _indices(fs) -> dict:
 @data_options
 @_fail_cleanly
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
-             min_near_top10, min_shift_top10, value_range, resize) -> None:
+             min_near_top10, min_shift_top10, value_range, resize, image_column, label_column) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
     from projidx.attribution import store_checkpoints, store_dataset
     from projidx.scoring import default_method
@@ -372,7 +378,7 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
     from projidx.validate import CHECKS, failures, validate_store
 
     fs = FeatureStore.open(store)
-    train = _data(data, value_range, resize) if data else store_dataset(fs)
+    train = _data(data, value_range, resize, image_column, label_column) if data else store_dataset(fs)
     report = validate_store(fs, store_checkpoints(fs), train, samples, seed, sigma, tuple(methods) or None,
                             query_timesteps, noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"

@@ -10,7 +10,8 @@ and, for files, the file names (shown in results and pictures). A DATA spec is o
   sub-folders of images is read per class (``labels`` = the sub-folder's index in sorted order);
 - one image file;
 - an ``.npy`` array, or an ``.npz`` with ``images`` and optionally ``ids`` (N,) unique integers and ``labels``;
-  arrays (N, H, W), (N, C, H, W) or channels-last (N, H, W, C), C in {1, 3}.
+  arrays (N, H, W), (N, C, H, W) or channels-last (N, H, W, C), C in {1, 3};
+- a Hugging Face dataset: a ``save_to_disk`` folder or a ``.parquet`` file (``image_column``, ``label_column``).
 
 Values (:class:`DataOptions`): uint8 is read as [0, 255]; float must be in [-1, 1], or be declared with
 ``value_range`` ("0,1", "0,255"): float data that looks like [0, 1] or [0, 255] is refused with a message naming the
@@ -85,6 +86,8 @@ def load_dataset(spec: str, options: DataOptions = DataOptions()) -> ImageSet:
     if not path.exists():
         raise ProjidxError(f"data {spec!r}: no such file or folder (expected one of {', '.join(BUILTIN)}, an image"
                            " folder, an image file, an .npy or an .npz)")
+    if is_hf_dataset(path):
+        return from_hf(path, options)
     if path.is_dir():
         return from_folder(path, options)
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -133,10 +136,23 @@ def from_image_files(root: Path, files: list[str], labels: list[int] | None, opt
         try:
             with Image.open(root / f) as img:
                 img.load()
-                gray = img.mode in ("1", "L", "I;16", "I", "F")
-                arrays.append(np.asarray(img.convert("L" if gray else "RGB")))
+                arrays.append(_pixels(img))
         except (UnidentifiedImageError, OSError) as e:
             raise ProjidxError(f"data {root / f}: not a readable image ({one_line(e)})") from e
+    data = from_pixel_arrays(arrays, options, name)
+    return replace(data, names=tuple(files),
+                   labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None)
+
+
+def _pixels(img) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 of a PIL image: grayscale modes stay one channel."""
+    gray = img.mode in ("1", "L", "I;16", "I", "F")
+    return np.asarray(img.convert("L" if gray else "RGB"))
+
+
+def from_pixel_arrays(arrays: list[np.ndarray], options: DataOptions, name: str) -> ImageSet:
+    """Stack (H, W) / (H, W, 3) uint8 images: grayscale is repeated to 3 channels when any image has colour;
+    different sizes need ``options.resize``."""
     color = any(a.ndim == 3 for a in arrays)
     if color:
         arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
@@ -151,9 +167,53 @@ def from_image_files(root: Path, files: list[str], labels: list[int] | None, opt
         arrays = [np.asarray(PILImage.fromarray(a).resize((w, h), PILImage.BILINEAR)) for a in arrays]
     stacked = np.stack(arrays)
     stacked = stacked.transpose(0, 3, 1, 2) if stacked.ndim == 4 else stacked[:, None]
-    data = from_arrays(stacked, None, name=name, options=options)
-    return replace(data, names=tuple(files),
-                   labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None)
+    return from_arrays(stacked, None, name=name, options=options)
+
+
+def is_hf_dataset(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict), or a parquet file."""
+    return path.suffix == ".parquet" or (path.is_dir() and ((path / "dataset_info.json").is_file()
+                                                            or (path / "dataset_dict.json").is_file()))
+
+
+def from_hf(path: Path, options: DataOptions) -> ImageSet:
+    """A Hugging Face dataset: a ``save_to_disk`` folder (a DatasetDict uses its "train" split) or a parquet file;
+    images from ``options.image_column`` (PIL images or arrays), labels from ``options.label_column`` (default
+    "label" when present). Ids are the row numbers."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ProjidxError(f"data {path}: Hugging Face datasets need: pip install 'projidx[hf]'") from e
+    try:
+        ds = datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else datasets.load_from_disk(
+            str(path))
+    except Exception as e:
+        raise ProjidxError(f"data {path}: not a readable Hugging Face dataset ({one_line(e)})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ProjidxError(f"data {path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    columns = ds.column_names
+    if options.image_column not in columns:
+        raise ProjidxError(f"data {path}: no column {options.image_column!r} (columns: {', '.join(columns)});"
+                           " pass --image-column")
+    label = options.label_column or ("label" if "label" in columns else None)
+    if label is not None and label not in columns:
+        raise ProjidxError(f"data {path}: no column {label!r} (columns: {', '.join(columns)})")
+    arrays = []
+    for value in ds[options.image_column]:
+        if hasattr(value, "convert"):  # a PIL image (the datasets Image feature)
+            arrays.append(_pixels(value))
+        else:
+            arrays.append(np.asarray(value))
+    name = str(path.resolve())
+    if all(a.dtype == np.uint8 and a.ndim in (2, 3) for a in arrays):
+        data = from_pixel_arrays(arrays, options, name)
+    else:
+        data = from_arrays(np.stack(arrays), None, name=name, options=options)
+    if label is not None:
+        data = replace(data, labels=torch.tensor(np.asarray(ds[label]), dtype=torch.int64))
+    return data
 
 
 def _digits(spec: str) -> ImageSet:

@@ -25,10 +25,13 @@ VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
 @dataclass(frozen=True)
 class DataOptions:
     """How a DATA spec's values are read: ``value_range`` (VALUE_RANGES; auto: uint8 = [0, 255], float = [-1, 1]
-    and refused when it looks like another range) and ``resize`` (H, W) or None."""
+    and refused when it looks like another range), ``resize`` (H, W) or None, and for Hugging Face datasets the
+    ``image_column`` and ``label_column`` (None: "label" if the dataset has it)."""
 
     value_range: str = "auto"
     resize: tuple[int, int] | None = None
+    image_column: str = "image"
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.value_range not in VALUE_RANGES:
@@ -37,12 +40,14 @@ class DataOptions:
             raise ProjidxError(f"resize must be (H, W) with both >= 8, got {self.resize}")
 
     def to_dict(self) -> dict:
-        return {"value_range": self.value_range, "resize": list(self.resize) if self.resize else None}
+        return {"value_range": self.value_range, "resize": list(self.resize) if self.resize else None,
+                "image_column": self.image_column, "label_column": self.label_column}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> DataOptions:
         d = d or {}
-        return cls(d.get("value_range", "auto"), tuple(d["resize"]) if d.get("resize") else None)
+        return cls(d.get("value_range", "auto"), tuple(d["resize"]) if d.get("resize") else None,
+                   d.get("image_column", "image"), d.get("label_column"))
 
 
 

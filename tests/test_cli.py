@@ -410,3 +410,26 @@ def test_sample_writes_generated_queries_that_query_accepts(tmp_path, pipeline):
     assert json.loads((tmp_path / "r.json").read_text())["queries"][2]["query_name"] == "sample_00002.png"
     assert_clean_error(run("sample", "--checkpoints", d / "ck", "--out", tmp_path / "x", "--checkpoint", "nope",
                            ok=False), "no such checkpoint")
+
+
+def test_cli_pipeline_on_a_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need projidx[hf]")
+    from PIL import Image
+
+    from projidx.data import load_dataset
+
+    digits = load_dataset("digits").subset(slice(0, 24))
+    pixels = ((digits.images.numpy()[:, 0] + 1) * 127.5).round().astype(np.uint8)
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "digit": list(range(24))})
+    ds.cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    cols = ["--image-column", "img", "--label-column", "digit"]
+    run("train", "--data", tmp_path / "hf", *cols, "--out", tmp_path / "ck", "--epochs", 2, "--checkpoints", 1,
+        "--width", 8)
+    run("featurize", "--checkpoints", tmp_path / "ck", "--data", tmp_path / "hf", *cols, "--store",
+        tmp_path / "s.zarr", "--timesteps", 2, "--proj-dim", 32)
+    run("query", "--store", tmp_path / "s.zarr", "--data", tmp_path / "hf", *cols, "--limit", 2, "--top-k", 3,
+        "--exact", "--out", tmp_path / "r.json", "--png", tmp_path / "r.png")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [q["ids"][0] for q in result["queries"]] == [0, 1]  # each training image finds itself first
+    assert_clean_error(run("featurize", "--checkpoints", tmp_path / "ck", "--data", tmp_path / "hf", "--store",
+                           tmp_path / "t.zarr", ok=False), "no column 'image'", "--image-column")

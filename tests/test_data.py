@@ -89,3 +89,25 @@ def test_channels_last_npy_and_value_ranges(tmp_path):
         from_arrays(unit * 2, options=DataOptions(value_range="0,1"))
     np.savez(tmp_path / "l.npz", images=(unit * 255).astype(np.uint8), labels=np.array([1, 0, 1, 2]))
     assert load_dataset(str(tmp_path / "l.npz")).labels.tolist() == [1, 0, 1, 2]
+
+
+def test_hugging_face_datasets_from_disk_and_parquet(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need projidx[hf]")
+    from PIL import Image
+
+    from projidx.data import DataOptions
+
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (6, 9, 11, 3), dtype=np.uint8)
+    ds = datasets.Dataset.from_dict({"picture": [Image.fromarray(p) for p in pixels], "label": [0, 1, 2, 0, 1, 2]})
+    ds = ds.cast_column("picture", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    with pytest.raises(ProjidxError, match="no column 'image'.*--image-column"):
+        load_dataset(str(tmp_path / "hf"))
+    for spec in (tmp_path / "hf", tmp_path / "hf.parquet"):
+        data = load_dataset(str(spec), DataOptions(image_column="picture"))
+        assert tuple(data.images.shape) == (6, 3, 9, 11) and data.labels.tolist() == [0, 1, 2, 0, 1, 2]
+        np.testing.assert_allclose(data.images.numpy(), pixels.transpose(0, 3, 1, 2) / 255 * 2 - 1, atol=1e-6)
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_dataset(str(tmp_path / "dd"), DataOptions(image_column="picture"))) == 6
