@@ -238,7 +238,19 @@ def check_memory(spec: ProjectorSpec, config: FeaturizeConfig, gradients_per_sam
             f" {available / 2**30:.1f} GiB is available: lower --chunk-rows, --proj-dim or --batch-size")
 
 
-def _featurize_locked(ckpts, data, store_path, config, meta, spec, blobs, replays, computer, progress, on_chunk):
+def _featurize_locked(
+    ckpts: CheckpointSet,
+    data: ImageSet,
+    store_path: Path,
+    config: FeaturizeConfig,
+    meta: StoreMeta,
+    spec: ProjectorSpec,
+    blobs: list[dict],
+    replays: list[torch.Tensor] | None,
+    computer: GradientSource,
+    progress: bool,
+    on_chunk: Callable[[str, int], None] | None,
+) -> FeatureStore:
     """The writing part of :func:`featurize`, run while holding the store's writer lock."""
     store = open_or_create(store_path, meta, data.ids.numpy())
     projector = make_projector(spec, config.device)
