@@ -24,35 +24,54 @@ import torch
 from torch import nn
 
 from projidx.seeding import generator
-from projidx.settings import GRIDS, LOSSES, NOISE_POLICIES, OBJECTIVES, SCHEDULES
+from projidx.settings import GRIDS, LOSSES, NOISE_POLICIES, OBJECTIVES, PREDICTIONS, SCHEDULES
 
 TRAIN_NOISE, QUERY_NOISE = "noise", "query-noise"  # the per-sample policy's two streams (training, query side)
 SHARED_NOISE = "shared-noise"  # the shared policy's one stream, for both sides
 
 
 class EpsModel(Protocol):
-    """Any epsilon-prediction network: ``eps = model(x_t, t)`` with x_t (B, C, H, W), t (B,) int64."""
+    """Any denoising network: ``out = model(x_t, t, **conditioning)`` with x_t (B, C, H, W), t (B,) int64 and
+    conditioning tensors with the batch first (e.g. ``class_labels`` (B,), ``encoder_hidden_states`` (B, L, D));
+    ``out`` is the noise (``epsilon`` prediction) or v (``v_prediction``), shaped like x_t. A model that takes
+    conditioning says so with a ``conditioning`` attribute (:func:`model_conditioning`)."""
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor: ...
+
+
+def model_conditioning(model: nn.Module) -> dict[str, dict]:
+    """{input name: its requirements} of the conditioning ``model`` takes besides (x_t, t): the model's own
+    ``conditioning`` attribute, {} for an unconditional model. Requirements: ``{"classes": n}`` for integer class
+    labels in [0, n), ``{"dim": d}`` for per-sample embeddings (L, d)."""
+    return dict(getattr(model, "conditioning", None) or {})
 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
     """A discrete DDPM schedule, ``T`` steps. ``kind``: ``linear`` (Ho et al.), ``cosine`` (Nichol & Dhariwal,
-    betas clipped at 0.999) or ``cosine-clipped`` (the same curve with betas clipped to [1e-4, 0.02], as the
-    ReTrac authors' scheduler does: alpha-bar at t = T-1 is 3.2e-3 instead of 2.4e-9 for T = 1000)."""
+    betas clipped at 0.999), ``cosine-clipped`` (the same curve with betas clipped to [1e-4, 0.02], as the
+    ReTrac authors' scheduler does: alpha-bar at t = T-1 is 3.2e-3 instead of 2.4e-9 for T = 1000), or ``custom``:
+    the T betas given in ``custom_betas`` (any schedule, e.g. a diffusers scheduler's own)."""
 
     kind: str = "linear"
     T: int = 1000
+    custom_betas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {self.kind!r}; expected one of {SCHEDULES}")
+        if self.kind not in (*SCHEDULES, "custom"):
+            raise ValueError(f"unknown noise schedule {self.kind!r}; expected one of {SCHEDULES} or custom")
         if self.T < 2:
             raise ValueError(f"T must be >= 2, got {self.T}")
+        if (self.kind == "custom") != bool(self.custom_betas):
+            raise ValueError("custom_betas go with kind 'custom', and only with it")
+        if self.custom_betas and (len(self.custom_betas) != self.T
+                                  or not all(0 < b < 1 for b in self.custom_betas)):
+            raise ValueError(f"a custom schedule needs T = {self.T} betas, each in (0, 1)")
 
     def betas(self) -> torch.Tensor:
         """(T,) float64 betas (see the class docstring)."""
+        if self.kind == "custom":
+            return torch.tensor(self.custom_betas, dtype=torch.float64)
         if self.kind == "linear":
             scale = 1000.0 / self.T
             return torch.linspace(scale * 1e-4, scale * 0.02, self.T, dtype=torch.float64)
@@ -67,11 +86,11 @@ class NoiseSchedule:
         return torch.cumprod(1 - self.betas(), dim=0)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "T": self.T}
+        return {"kind": self.kind, "T": self.T, **({"betas": list(self.custom_betas)} if self.custom_betas else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> NoiseSchedule:
-        return cls(kind=str(d["kind"]), T=int(d["T"]))
+        return cls(kind=str(d["kind"]), T=int(d["T"]), custom_betas=tuple(float(b) for b in d.get("betas", ())))
 
 
 def timestep_grid(n: int, T: int, kind: str = "paper") -> list[int]:
@@ -100,9 +119,21 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.T
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def per_sample_loss(eps_pred: torch.Tensor, eps: torch.Tensor, loss: str) -> torch.Tensor:
+def prediction_target(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor,
+                      prediction: str) -> torch.Tensor:
+    """(B, ...) what the network is trained to output at x_t = q_sample(x0, t, eps): the noise eps
+    (``epsilon``) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (``v_prediction``, Salimans & Ho)."""
+    if prediction == "epsilon":
+        return eps
+    if prediction != "v_prediction":
+        raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
+    a = abar.to(x0.device, x0.dtype)[t].reshape(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """(B,) loss per sample: mean over pixels of the squared (mse) or absolute (l1) error."""
-    diff = eps_pred - eps
+    diff = pred - target
     if loss == "mse":
         err = diff.square()
     elif loss == "l1":
@@ -112,13 +143,13 @@ def per_sample_loss(eps_pred: torch.Tensor, eps: torch.Tensor, loss: str) -> tor
     return err.flatten(1).mean(dim=1)
 
 
-def attribution_output(eps_pred: torch.Tensor, eps: torch.Tensor, loss: str, objective: str) -> torch.Tensor:
-    """(B,) the function whose gradient is attributed: the training loss (``objective="loss"``, the paper) or
-    D-TRAK's mean squared model output ||eps_theta(x_t, t)||^2 / dim (``objective="dtrak"``)."""
+def attribution_output(pred: torch.Tensor, target: torch.Tensor, loss: str, objective: str) -> torch.Tensor:
+    """(B,) the function whose gradient is attributed: the training loss against ``target`` (``objective="loss"``,
+    the paper) or D-TRAK's mean squared model output ||out_theta(x_t, t)||^2 / dim (``objective="dtrak"``)."""
     if objective == "loss":
-        return per_sample_loss(eps_pred, eps, loss)
+        return per_sample_loss(pred, target, loss)
     if objective == "dtrak":
-        return eps_pred.square().flatten(1).mean(dim=1)
+        return pred.square().flatten(1).mean(dim=1)
     raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 
@@ -129,9 +160,12 @@ def diffusion_loss(
     eps: torch.Tensor,
     abar: torch.Tensor,
     loss: str,
+    prediction: str = "epsilon",
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B,) noise-prediction loss L(theta; x0, t, eps) of ``model`` at each sample's own t and eps."""
-    return per_sample_loss(model(q_sample(x0, t, eps, abar), t), eps, loss)
+    """(B,) the training loss L(theta; x0, t, eps) of ``model`` at each sample's own t and eps."""
+    pred = model(q_sample(x0, t, eps, abar), t, **(conditioning or {}))
+    return per_sample_loss(pred, prediction_target(x0, t, eps, abar, prediction), loss)
 
 
 def noise_for(
@@ -187,33 +221,66 @@ class NoiseDraws:
 
 
 class DiffusersEps(nn.Module):
-    """Adapter: a diffusers ``UNet2DModel`` as an :class:`EpsModel` (returns ``.sample``)."""
+    """Adapter: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` as an :class:`EpsModel` (returns
+    ``.sample``). ``conditioning`` says what it takes besides (x_t, t), read from its config: ``class_labels``
+    for a class embedding (``num_class_embeds``), ``encoder_hidden_states`` for cross-attention (a text-conditional
+    model, given precomputed embeddings (B, L, cross_attention_dim)). Other extra inputs are refused."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
+        self.conditioning = diffusers_conditioning(unet.config)  # type: ignore[attr-defined]
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t).sample
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, **conditioning).sample
+
+
+def diffusers_conditioning(config) -> dict[str, dict]:
+    """The conditioning inputs (:func:`model_conditioning`) of a diffusers UNet with ``config``; ValueError for
+    inputs projidx cannot pass (added embeddings, non-embedding class inputs, per-block cross-attention sizes)."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    out: dict[str, dict] = {}
+    if get("class_embed_type") is not None:
+        raise ValueError(f"class_embed_type {get('class_embed_type')!r} is not supported: only class labels through"
+                         " an embedding table (num_class_embeds)")
+    if get("num_class_embeds") is not None:
+        out["class_labels"] = {"classes": int(get("num_class_embeds"))}
+    if get("addition_embed_type") is not None:
+        raise ValueError(f"addition_embed_type {get('addition_embed_type')!r} (added conditioning inputs) is not"
+                         " supported")
+    if get("cross_attention_dim") is not None:
+        dim = get("cross_attention_dim")
+        dims = set(dim) if isinstance(dim, list | tuple) else {dim}
+        if len(dims) != 1:
+            raise ValueError(f"cross_attention_dim {dim} differs per block: not supported")
+        out["encoder_hidden_states"] = {"dim": int(dims.pop())}
+    return out
+
+
+def prediction_from_diffusers(scheduler_config) -> str:
+    """The scheduler config's ``prediction_type`` if projidx supports it (PREDICTIONS), else ValueError."""
+    get = scheduler_config.get if isinstance(scheduler_config, dict) else \
+        lambda key, default=None: getattr(scheduler_config, key, default)
+    prediction = get("prediction_type", "epsilon") or "epsilon"
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"the diffusers scheduler's prediction_type is {prediction!r}: projidx supports"
+                         f" {', '.join(PREDICTIONS)}")
+    return prediction
 
 
 def schedule_from_diffusers(scheduler: object) -> NoiseSchedule:
-    """The :class:`NoiseSchedule` matching a diffusers ``DDPMScheduler`` (linear or squaredcos_cap_v2); refuses a
-    scheduler whose model predicts anything but the noise (projidx's loss is the epsilon loss)."""
-    config = scheduler.config  # type: ignore[attr-defined]
-    prediction = getattr(config, "prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ValueError(f"the diffusers scheduler's prediction_type is {prediction!r}: only 'epsilon' models are"
-                         " supported (their loss is the one attributed)")
-    kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
-    if config.beta_schedule not in kinds:
-        raise ValueError(f"unsupported diffusers beta_schedule {config.beta_schedule!r}")
-    schedule = NoiseSchedule(kinds[config.beta_schedule], int(config.num_train_timesteps))
-    ours = schedule.alphas_cumprod().float()
-    theirs = scheduler.alphas_cumprod.float()  # type: ignore[attr-defined]
-    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6):
-        raise ValueError("the diffusers scheduler's betas differ from projidx's schedule of the same name")
-    return schedule
+    """The :class:`NoiseSchedule` of a diffusers scheduler (DDPMScheduler, DDIMScheduler, ...), taken from its
+    own betas: a named kind where they are projidx's schedule of that name, else ``custom`` with its betas (any
+    beta_schedule, trained betas, zero-SNR rescaling)."""
+    betas = scheduler.betas.double()  # type: ignore[attr-defined]
+    T = len(betas)
+    theirs = torch.cumprod(1 - betas, dim=0)
+    for kind in SCHEDULES:
+        named = NoiseSchedule(kind, T)
+        if torch.allclose(named.alphas_cumprod(), theirs, rtol=1e-4, atol=1e-6):
+            return named
+    # rescale_betas_zero_snr ends on beta = 1 (abar_T = 0): kept just below 1 so that x_t stays defined
+    return NoiseSchedule("custom", T, tuple(float(b) for b in betas.clamp(1e-12, 1 - 1e-6)))
 
 
 @torch.no_grad()
@@ -224,15 +291,20 @@ def ddim_sample(
     shape: Sequence[int],
     steps: int = 50,
     seed: int = 0,
+    prediction: str = "epsilon",
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(n, *shape) images in [-1, 1] from deterministic DDIM (eta = 0) with ``steps`` evenly spaced steps."""
+    """(n, *shape) images in [-1, 1] from deterministic DDIM (eta = 0) with ``steps`` evenly spaced steps; the
+    model's output is read as ``prediction`` says; ``conditioning``: per-image model inputs, batch first."""
     abar = schedule.alphas_cumprod().float()
     times = torch.linspace(schedule.T - 1, 0, steps).round().long().tolist()
     x = torch.randn((n, *shape), generator=generator("ddim", seed))
     for i, t in enumerate(times):
         a_t = abar[t]
         a_prev = abar[times[i + 1]] if i + 1 < len(times) else torch.tensor(1.0)
-        eps = model(x, torch.full((n,), t, dtype=torch.int64))
+        out = model(x, torch.full((n,), t, dtype=torch.int64), **(conditioning or {}))
+        # the predicted noise, then x0 from it, clipped (for v: eps = sqrt(abar) v + sqrt(1 - abar) x_t)
+        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x if prediction == "v_prediction" else out
         x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x.clamp(-1, 1)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from projidx.diffusion import NoiseSchedule, per_sample_loss, q_sample
+from projidx.diffusion import NoiseSchedule, per_sample_loss, prediction_target, q_sample
 from projidx.errors import ProjidxError
 from projidx.grads import trainable_parameters
 from projidx.projection import FactorizedProjector
@@ -173,10 +173,12 @@ class FactorizedGradients:
     returns factors instead of gradients.
     """
 
-    def __init__(self, model: nn.Module, schedule: NoiseSchedule, loss: str, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, loss: str, device: str | torch.device = "cpu",
+                 prediction: str = "epsilon"):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.loss = loss
+        self.prediction = prediction
         self.abar = schedule.alphas_cumprod().to(self.device, torch.float32)
         self.modules = factorizable_modules(self.model)
         self.names = list(trainable_parameters(self.model))
@@ -185,21 +187,23 @@ class FactorizedGradients:
         """Load a checkpoint's weights (strict: every key must match the model)."""
         self.model.load_state_dict(state_dict, strict=True)
 
-    def project(self, projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, groups: int = 1,
+                conditioning: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`projidx.grads.GradientSource.project` through layer factors: no weight gradient is formed."""
-        return project_capture(projector, self.capture(x0, t, eps), self.names, groups)
+        return project_capture(projector, self.capture(x0, t, eps, conditioning), self.names, groups)
 
-    def capture(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Capture:
+    def capture(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor] | None = None) -> Capture:
         """Factors of the per-sample gradients of mean_r L(x0_b, t_b, eps_b,r).
 
-        x0: (B, C, H, W); t: (B,) int64; eps: (B, R, C, H, W).
+        x0: (B, C, H, W); t: (B,) int64; eps: (B, R, C, H, W); conditioning: {name: (B, ...)} model inputs.
         """
         batch, draws = eps.shape[:2]
         x0, t, eps = x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device)
         xs = x0.repeat_interleave(draws, dim=0)
         ts = t.repeat_interleave(draws)
         flat_eps = eps.reshape(batch * draws, *eps.shape[2:])
+        cond = {name: v.to(self.device).repeat_interleave(draws, dim=0) for name, v in (conditioning or {}).items()}
         calls: dict[str, list[_Call]] = {name: [] for name in self.modules}
         handles = [
             module.register_forward_hook(
@@ -209,8 +213,9 @@ class FactorizedGradients:
         ]
         try:
             with torch.enable_grad():
-                pred = self.model(q_sample(xs, ts, flat_eps, self.abar), ts)
-                total = per_sample_loss(pred, flat_eps, self.loss).reshape(batch, draws).mean(dim=1).sum()
+                pred = self.model(q_sample(xs, ts, flat_eps, self.abar), ts, **cond)
+                target = prediction_target(xs, ts, flat_eps, self.abar, self.prediction)
+                total = per_sample_loss(pred, target, self.loss).reshape(batch, draws).mean(dim=1).sum()
                 flat = [c for name in self.modules for c in calls[name]]
                 grads = torch.autograd.grad(total, [c.output for c in flat], allow_unused=True)
         finally:

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from projidx.diffusion import NoiseSchedule, attribution_output, q_sample
+from projidx.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
 
 if TYPE_CHECKING:
     from projidx.projection import Projector
 
 Grads = dict[str, torch.Tensor]
 Projected = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Conditioning = dict[str, torch.Tensor]  # model inputs besides (x_t, t), batch first (diffusion.model_conditioning)
 
 
 class GradientSource(Protocol):
@@ -32,9 +33,9 @@ class GradientSource(Protocol):
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
 
     def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                groups: int = 1) -> Projected:
+                groups: int = 1, conditioning: Conditioning | None = None) -> Projected:
         """(B, k) P g, (B,) ||g||^2 and (B/groups,) ||mean over groups g||^2 of B per-sample gradients; x0 (B, C,
-        H, W), t (B,), eps (B, R, C, H, W)."""
+        H, W), t (B,), eps (B, R, C, H, W), conditioning {name: (B, ...)}."""
         ...
 
 
@@ -57,22 +58,24 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 class GradientComputer:
-    """Per-sample loss gradients of an epsilon-prediction model at given (x0, t, eps).
+    """Per-sample gradients of the attributed function of a diffusion model at given (x0, t, eps).
 
-    ``model`` is any ``nn.Module`` with ``eps = model(x_t, t)``; it is put in eval mode. Load each
-    checkpoint's weights with :meth:`load_state_dict`. ``objective`` "dtrak" differentiates D-TRAK's mean
-    squared model output instead of the loss.
+    ``model`` is any ``nn.Module`` with ``out = model(x_t, t, **conditioning)`` (an :class:`EpsModel`; ``out``
+    read as ``prediction`` says); it is put in eval mode. Load each checkpoint's weights with
+    :meth:`load_state_dict`. ``objective`` "dtrak" differentiates D-TRAK's mean squared model output instead of
+    the loss.
     """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, loss: str, device: str | torch.device = "cpu",
-                 objective: str = "loss"):
+                 objective: str = "loss", prediction: str = "epsilon"):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.loss = loss
         self.objective = objective
+        self.prediction = prediction
         self.abar = schedule.alphas_cumprod().to(self.device, torch.float32)
         self._refresh()
-        self._vmapped = vmap(grad(self._sample_loss), in_dims=(None, 0, 0, 0))
+        self._vmapped = vmap(grad(self._sample_loss), in_dims=(None, 0, 0, 0, 0))
 
     def _refresh(self) -> None:
         self.params = trainable_parameters(self.model)
@@ -86,29 +89,36 @@ class GradientComputer:
         self._refresh()
 
     def _sample_loss(
-        self, params: dict[str, torch.Tensor], x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+        self, params: dict[str, torch.Tensor], x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+        conditioning: Conditioning,
     ) -> torch.Tensor:
-        """Mean loss of one sample x0 (C,H,W) at timestep t () over its R draws eps (R,C,H,W)."""
+        """Mean loss of one sample x0 (C,H,W) at timestep t () over its R draws eps (R,C,H,W); conditioning
+        {name: (...)} of this sample."""
         r = eps.shape[0]
         xs = x0.unsqueeze(0).expand(r, *x0.shape)
         ts = t.reshape(1).expand(r)
-        pred = functional_call(self.model, (params, self.buffers), (q_sample(xs, ts, eps, self.abar), ts))
-        return attribution_output(pred, eps, self.loss, self.objective).mean()
+        cond = {name: v.unsqueeze(0).expand(r, *v.shape) for name, v in conditioning.items()}
+        pred = functional_call(self.model, (params, self.buffers), (q_sample(xs, ts, eps, self.abar), ts), cond)
+        target = prediction_target(xs, ts, eps, self.abar, self.prediction)
+        return attribution_output(pred, target, self.loss, self.objective).mean()
 
     def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                groups: int = 1) -> Projected:
+                groups: int = 1, conditioning: Conditioning | None = None) -> Projected:
         """:meth:`GradientSource.project`: each parameter's per-sample gradient read once, for its projection and
         its norm together."""
-        return projector.project_with_norms(self.per_sample(x0, t, eps), groups)
+        return projector.project_with_norms(self.per_sample(x0, t, eps, conditioning), groups)
 
-    def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Grads:
+    def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   conditioning: Conditioning | None = None) -> Grads:
         """Per-sample gradients.
 
-        x0: (B, C, H, W); t: (B,) int64; eps: (B, R, C, H, W) noise draws per sample.
-        Returns {name: (B, *shape)} float32 on the computer's device: grad of mean_r L(x0_b, t_b, eps_b,r).
+        x0: (B, C, H, W); t: (B,) int64; eps: (B, R, C, H, W) noise draws per sample; conditioning: {name: (B,
+        ...)} model inputs per sample. Returns {name: (B, *shape)} float32 on the computer's device: grad of
+        mean_r L(x0_b, t_b, eps_b,r).
         """
+        cond = {name: v.to(self.device) for name, v in (conditioning or {}).items()}
         return self._vmapped(
-            self.params, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device)
+            self.params, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device), cond
         )
 
 

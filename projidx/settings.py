@@ -11,7 +11,8 @@ from projidx.errors import ProjidxError
 
 LOSSES = ("mse", "l1")
 OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
-SCHEDULES = ("linear", "cosine", "cosine-clipped")
+SCHEDULES = ("linear", "cosine", "cosine-clipped")  # named beta schedules ("custom": betas given, e.g. by diffusers)
+PREDICTIONS = ("epsilon", "v_prediction")  # the network's output: the noise, or v = sqrt(abar) eps - sqrt(1-abar) x0
 GRIDS = ("midpoints", "paper")  # timestep_grid kinds
 NOISE_POLICIES = ("shared", "per-sample")
 MODES = ("replay", "grid")  # training-side timesteps
@@ -51,10 +52,6 @@ class DataOptions:
 
 
 
-
-TRAIN_TIMESTEP_MODES = (*MODES, "auto")
-
-
 @dataclass(frozen=True)
 class FeaturizeConfig:
     """Training-side featurization settings, validated on construction (errors name the argument). The CLI
@@ -91,7 +88,6 @@ class FeaturizeConfig:
         for name in ("proj_dim", "timesteps", "batch_size", "chunk_rows", "train_draws", "sparsity"):
             if getattr(self, name) < 1:
                 raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
-
 
 
 @dataclass(frozen=True)
