@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
+from projidx.checkpoints import CheckpointSet, load_checkpoint_dir, load_diffusers_folders
 from projidx.data import IMAGE_SUFFIXES, DataOptions, ImageSet, load_dataset
 from projidx.errors import ProjidxError
 from projidx.features import QueryFeatures
@@ -49,10 +49,14 @@ class Attribution:
 
 
 def store_checkpoints(store: FeatureStore) -> CheckpointSet:
-    """The checkpoints a store was built from, read from the directory recorded in it."""
-    if not store.meta.checkpoint_dir:
+    """The checkpoints a store was built from, read from the directory (or diffusers folders, with the TracIn
+    weights recorded in the store) it records."""
+    meta = store.meta
+    if meta.checkpoint_folders:
+        return load_diffusers_folders(meta.checkpoint_folders, [c["weight"] for c in meta.checkpoints], meta.loss)
+    if not meta.checkpoint_dir:
         raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly")
-    return load_checkpoint_dir(store.meta.checkpoint_dir)
+    return load_checkpoint_dir(meta.checkpoint_dir)
 
 
 def attribute(
@@ -93,7 +97,7 @@ def attribute(
 def store_dataset(store: FeatureStore) -> ImageSet:
     """The training data a store was built from, reloaded by name (refused if it changed since)."""
     train = load_dataset(store.meta.dataset_name, DataOptions.from_dict(store.meta.dataset_options))
-    if train.fingerprint() != store.meta.dataset_fingerprint:
+    if train.fingerprint(store.meta.conditioning_inputs) != store.meta.dataset_fingerprint:
         raise ProjidxError(f"the training data {store.meta.dataset_name} changed since the store was built")
     return train
 

@@ -9,7 +9,8 @@ and, for files, the file names (shown in results and pictures). A DATA spec is o
 - a folder of images (PNG, JPEG, ...; read with Pillow), ids 0..N-1 in sorted file-name order; a folder of
   sub-folders of images is read per class (``labels`` = the sub-folder's index in sorted order);
 - one image file;
-- an ``.npy`` array, or an ``.npz`` with ``images`` and optionally ``ids`` (N,) unique integers and ``labels``;
+- an ``.npy`` array, or an ``.npz`` with ``images`` and optionally ``ids`` (N,) unique integers, ``labels`` (N,)
+  class labels and ``embeddings`` (N, L, D) conditioning embeddings (for a text-conditional model);
   arrays (N, H, W), (N, C, H, W) or channels-last (N, H, W, C), C in {1, 3};
 - a Hugging Face dataset: a ``save_to_disk`` folder or a ``.parquet`` file (``image_column``, ``label_column``).
 
@@ -37,10 +38,19 @@ BUILTIN = ("digits", "digits:train", "digits:test", "photos", "photos:train", "p
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# conditioning input of a model (diffusion.model_conditioning) -> the ImageSet field that holds it
+CONDITIONING_FIELDS = {"class_labels": "labels", "encoder_hidden_states": "embeddings"}
+CONDITIONING_HINTS = {
+    "labels": "class labels: an .npz 'labels' array, one sub-folder per class, or --label-column",
+    "embeddings": "precomputed embeddings: an .npz 'embeddings' array (N, L, D), e.g. a text encoder's output",
+}
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """images: (N, C, H, W) float32 in [-1, 1]; ids: (N,) int64, unique; names: N display names (file names) or
-    None; labels: (N,) int64 class labels or None."""
+    None; labels: (N,) int64 class labels or None; embeddings: (N, L, D) float32 per-sample conditioning
+    embeddings (a text-conditional model's encoder states) or None."""
 
     name: str
     images: torch.Tensor
@@ -48,6 +58,7 @@ class ImageSet:
     names: tuple[str, ...] | None = field(default=None, compare=False)
     labels: torch.Tensor | None = field(default=None, compare=False)
     options: DataOptions = field(default=DataOptions(), compare=False)  # how it was read (to read it again)
+    embeddings: torch.Tensor | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -56,24 +67,70 @@ class ImageSet:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
 
-    def fingerprint(self) -> str:
-        """sha256 over the images' bytes and the ids: two datasets share it only if they are equal."""
+    def fingerprint(self, conditioning: tuple[str, ...] = ()) -> str:
+        """sha256 over the images' bytes and the ids, and the conditioning inputs named (they change every
+        gradient): two datasets share it only if they are equal."""
         h = hashlib.sha256()
         h.update(str(self.image_shape).encode())
         h.update(self.images.contiguous().numpy().tobytes())
         h.update(self.ids.contiguous().numpy().tobytes())
+        for name, value in sorted(self.conditioning({c: {} for c in conditioning}).items()):
+            h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+            h.update(value.contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def subset(self, rows: slice) -> ImageSet:
-        return ImageSet(self.name, self.images[rows], self.ids[rows],
-                        self.names[rows] if self.names is not None else None,
-                        self.labels[rows] if self.labels is not None else None, self.options)
+    def conditioning(self, needs: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """{model input: (N, ...) tensor} for the conditioning a model ``needs``
+        (:func:`projidx.diffusion.model_conditioning`), checked against its requirements (class count, embedding
+        width); ProjidxError naming what the data lacks."""
+        out = {}
+        for name, need in needs.items():
+            if name not in CONDITIONING_FIELDS:
+                raise ProjidxError(f"the model takes {name!r}, which projidx cannot read from data (it passes"
+                                   f" {', '.join(CONDITIONING_FIELDS)})")
+            attr = CONDITIONING_FIELDS[name]
+            value = getattr(self, attr)
+            if value is None:
+                raise ProjidxError(f"data {self.name}: the model is conditioned on {name}; give the data"
+                                   f" {CONDITIONING_HINTS[attr]}")
+            classes = need.get("classes")
+            if classes is not None and len(value) and (int(value.min()) < 0 or int(value.max()) >= classes):
+                raise ProjidxError(f"data {self.name}: class labels must lie in [0, {classes}) for this model, found"
+                                   f" {int(value.min())}..{int(value.max())}")
+            dim = need.get("dim")
+            if dim is not None and value.shape[-1] != dim:
+                raise ProjidxError(f"data {self.name}: embeddings are {tuple(value.shape[1:])}, the model's"
+                                   f" cross-attention takes (L, {dim})")
+            out[name] = value
+        return out
+
+    def subset(self, rows: slice | np.ndarray) -> ImageSet:
+        """The rows ``rows`` (a slice, or an array of row numbers) with everything that goes with them."""
+        names = None
+        if self.names is not None:
+            names = self.names[rows] if isinstance(rows, slice) else tuple(self.names[int(r)] for r in rows)
+        rows = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.int64)
+        return replace(self, images=self.images[rows], ids=self.ids[rows], names=names,
+                       labels=self.labels[rows] if self.labels is not None else None,
+                       embeddings=self.embeddings[rows] if self.embeddings is not None else None)
 
     def display_names(self, ids: np.ndarray) -> list[list[str]]:
         """(M, k) ids -> their file names (or the ids as text); "" for the empty slot -1."""
         by_id = {int(i): (self.names[r] if self.names is not None else str(int(i)))
                  for r, i in enumerate(self.ids.tolist())}
         return [[by_id.get(int(i), "") if int(i) >= 0 else "" for i in row] for row in np.atleast_2d(ids)]
+
+
+def concat(name: str, sets: list[ImageSet]) -> ImageSet:
+    """One ImageSet of ``sets`` one after the other (ids may repeat: for queries); labels, embeddings and names
+    kept where every set has them."""
+    def joined(attr: str) -> torch.Tensor | None:
+        values = [getattr(s, attr) for s in sets]
+        return torch.cat(values) if all(v is not None for v in values) else None
+
+    names = tuple(n for s in sets for n in s.names) if all(s.names is not None for s in sets) else None
+    return ImageSet(name, torch.cat([s.images for s in sets]), torch.cat([s.ids for s in sets]), names,
+                    joined("labels"), sets[0].options, joined("embeddings"))
 
 
 def load_dataset(spec: str, options: DataOptions = DataOptions()) -> ImageSet:
@@ -256,6 +313,7 @@ def from_npz(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
             images = f["images"]
             ids = f["ids"] if "ids" in f.files else None
             labels = f["labels"] if "labels" in f.files else None
+            embeddings = f["embeddings"] if "embeddings" in f.files else None
     except ProjidxError:
         raise
     except Exception as e:  # zip/format errors from numpy
@@ -266,6 +324,12 @@ def from_npz(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
         if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
             raise ProjidxError(f"data {path}: 'labels' must be {len(data)} integers, got {labels.dtype} {labels.shape}")
         data = replace(data, labels=torch.from_numpy(labels.astype(np.int64)))
+    if embeddings is not None:
+        if embeddings.ndim != 3 or len(embeddings) != len(data) or not np.issubdtype(embeddings.dtype, np.floating) \
+                or not np.isfinite(embeddings).all():
+            raise ProjidxError(f"data {path}: 'embeddings' must be finite floats shaped ({len(data)}, L, D), got"
+                               f" {embeddings.dtype} {embeddings.shape}")
+        data = replace(data, embeddings=torch.from_numpy(embeddings.astype(np.float32)))
     return data
 
 

@@ -31,6 +31,7 @@ from projidx.diffusion import (
     TRAIN_NOISE,
     NoiseDraws,
     NoiseSchedule,
+    model_conditioning,
     timestep_grid,
 )
 from projidx.errors import ProjidxError, one_line
@@ -102,25 +103,26 @@ def _unit(
 
 def gradient_computer(
     model: torch.nn.Module, schedule: NoiseSchedule, loss: str, spec: ProjectorSpec, device: str,
-    objective: str = "loss",
+    objective: str = "loss", prediction: str = "epsilon",
 ) -> GradientSource:
     """The per-sample gradient source for ``spec``: layer factors (factorized) or torch.func gradients."""
     if spec.kind != "factorized":
-        return GradientComputer(model, schedule, loss, device, objective)
+        return GradientComputer(model, schedule, loss, device, objective, prediction)
     if objective != "loss":
         raise ProjidxError(f"the factorized projector supports the loss objective only, not {objective!r}")
     try:
-        return FactorizedGradients(model, schedule, loss, device)
+        return FactorizedGradients(model, schedule, loss, device, prediction)
     except ValueError as e:
         raise ProjidxError(str(e)) from e
 
 
 def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
     grid = timestep_grid(config.timesteps, ckpts.schedule.T, config.grid) if config.train_timesteps == "grid" else []
+    conditioning = model_conditioning(ckpts.model)
     return StoreMeta(
         projector=spec,
         model_fingerprint=model_fingerprint(ckpts.model),
-        dataset_fingerprint=data.fingerprint(),
+        dataset_fingerprint=data.fingerprint(tuple(sorted(conditioning))),
         dataset_name=data.name,
         n=len(data),
         image_shape=data.image_shape,
@@ -134,7 +136,10 @@ def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, confi
         objective=config.objective,
         train_draws=config.train_draws,
         noise=config.noise,
+        prediction=ckpts.prediction,
+        conditioning=conditioning,
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
+        checkpoint_folders=[str(f) for f in ckpts.folders],
         dataset_options=data.options.to_dict(),
     )
 
@@ -172,6 +177,7 @@ def featurize(
     """
     if data.image_shape != tuple(ckpts.image_shape):
         raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
+    data.conditioning(model_conditioning(ckpts.model))  # the model's inputs besides the image are in the data
     # every checkpoint is loaded and validated before anything is written
     blobs = [check_blob(c.load(), c.id, ckpts.schedule.T) for c in ckpts.checkpoints]
     if config.train_timesteps == "auto":
@@ -187,7 +193,8 @@ def featurize(
     meta = _store_meta(ckpts, data, spec, config)
     replays = [replay_timesteps(b, data.ids, c.id) for b, c in zip(blobs, ckpts.checkpoints, strict=True)] \
         if config.train_timesteps == "replay" else None
-    computer = gradient_computer(ckpts.model, ckpts.schedule, ckpts.loss, spec, config.device, config.objective)
+    computer = gradient_computer(ckpts.model, ckpts.schedule, ckpts.loss, spec, config.device, config.objective,
+                                 ckpts.prediction)
     try:
         computer.load_state_dict(blobs[0]["state_dict"])
     except RuntimeError as e:
@@ -267,7 +274,7 @@ def _featurize_locked(
             times = replays[c][rows][:, None] if replays is not None else torch.tensor(meta.timesteps).expand(
                 rows.stop - rows.start, -1)
             chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config.batch_size,
-                                    noise)
+                                    noise, meta.conditioning)
             store.write_chunk(ckpt.id, i, chunk)
             bar.update(1)
             if on_chunk is not None:
@@ -300,9 +307,11 @@ def _featurize_rows(
     cid: str,
     batch_size: int,
     noise: NoiseDraws,
+    conditioning: dict[str, dict],
 ) -> Chunk:
     """Features of ``rows`` at checkpoint index ``c``: times (n, G) timesteps per sample; at each, the gradient
-    of the loss averaged over the ``noise`` draws (training or query side).
+    of the loss averaged over the ``noise`` draws (training or query side), the model given the ``conditioning``
+    inputs it takes (:func:`projidx.diffusion.model_conditioning`) from ``rows``.
 
     Gradients are computed ``batch_size`` evaluations at a time (samples x timesteps x draws) and projected in
     calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).
@@ -316,7 +325,8 @@ def _featurize_rows(
         stop = min(start + per_call, n)
         ids = rows.ids[start:stop].repeat_interleave(g)
         t = times[start:stop].reshape(-1)
-        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c, noise)
+        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c, noise,
+                                                  conditioning)
         f, nrm = _unit(projected, sq, ids, t, cid)
         feats.append(f.reshape(stop - start, g, -1))
         norms.append(nrm.reshape(stop - start, g))
@@ -349,18 +359,21 @@ def _project_samples(
     per_batch: int,
     c: int,
     noise: NoiseDraws,
+    conditioning: dict[str, dict],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """P g, ||g||^2 (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)."""
     g = times.shape[1]
 
-    def inputs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x0, ids = rows.images[a:b], rows.ids[a:b]
+    def inputs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        part = rows.subset(slice(a, b))
         t = times[a:b].reshape(-1)
-        eps = noise.sample(ids.repeat_interleave(g).tolist(), c, t.tolist(), x0.shape[1:])
-        return x0.repeat_interleave(g, dim=0), t, eps
+        eps = noise.sample(part.ids.repeat_interleave(g).tolist(), c, t.tolist(), part.image_shape)
+        cond = {name: v.repeat_interleave(g, dim=0) for name, v in part.conditioning(conditioning).items()}
+        return part.images.repeat_interleave(g, dim=0), t, eps, cond
 
     if stop - start <= per_batch:
-        return computer.project(projector, *inputs(start, stop), groups=g)
+        x0, t, eps, cond = inputs(start, stop)
+        return computer.project(projector, x0, t, eps, groups=g, conditioning=cond)
     # a projector that wants more rows per call than one gradient batch (dense) takes full per-sample gradients,
     # which only the torch.func source forms (the factorized projector never asks for more rows)
     parts = [computer.per_sample(*inputs(a, min(a + per_batch, stop))) for a in range(start, stop, per_batch)]  # type: ignore[attr-defined]
@@ -417,7 +430,9 @@ def featurize_queries(
         raise ProjidxError(f"the checkpoints given are not the ones store {store.path} was built from")
     grid, draws = query_defaults(meta, query_timesteps, noise_draws)
     # loss and schedule come from the store, never from the CheckpointSet handed in
-    computer = gradient_computer(ckpts.model, meta.schedule, meta.loss, meta.projector, device, meta.objective)
+    computer = gradient_computer(ckpts.model, meta.schedule, meta.loss, meta.projector, device, meta.objective,
+                                 meta.prediction)
+    queries.conditioning(meta.conditioning)  # the model's inputs besides the image are in the queries
     projector = make_projector(meta.projector, device)
     noise = NoiseDraws(meta.noise, meta.noise_seed, QUERY_NOISE, draws)
     times = torch.tensor(grid).expand(len(queries), -1)
@@ -433,7 +448,7 @@ def featurize_queries(
         for block in range(0, len(queries), per_block):
             rows = slice(block, min(block + per_block, len(queries)))
             parts.append(_featurize_rows(computer, projector, queries.subset(rows), times[rows], c, ckpt.id,
-                                         batch_size, noise))
+                                         batch_size, noise, meta.conditioning))
             bar.update(rows.stop - rows.start)
         out.features.append(np.concatenate([p.features for p in parts]))
         out.norms.append(np.concatenate([p.norms for p in parts]))

@@ -6,7 +6,8 @@ Endpoints:
 - ``GET /health`` -> ``{"status": "ok", "store": ..., "n": ..., "methods": [...]}``;
 - ``POST /query`` with a JSON body ``{"data": DATA spec, "method": ..., "top_k": ..., "query_timesteps": ...,
   "noise_draws": ..., "exact": false, "rerank": null}`` or a multipart form with an ``image`` file (and the same
-  fields as form values) -> the JSON ``projidx query --out`` writes. Bad input -> 400 ``{"error": "..."}``.
+  fields as form values, plus ``label`` for a class-conditional model) -> the JSON ``projidx query --out`` writes.
+  Bad input -> 400 ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 
 from projidx.attribution import Attribution, has_file_names, store_checkpoints, store_dataset
 from projidx.data import ImageSet, from_arrays, load_dataset
@@ -64,8 +66,9 @@ class QueryService:
         return result.to_json()
 
 
-def image_from_bytes(payload: bytes, name: str) -> ImageSet:
-    """One uploaded image file (PNG, JPEG, ...) as an ImageSet named by its file name."""
+def image_from_bytes(payload: bytes, name: str, label: int | None = None) -> ImageSet:
+    """One uploaded image file (PNG, JPEG, ...) as an ImageSet named by its file name, with its class ``label``
+    (for a class-conditional model) when given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -76,7 +79,8 @@ def image_from_bytes(payload: bytes, name: str) -> ImageSet:
         raise ProjidxError(f"upload {name!r}: not a readable image") from e
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     data = from_arrays(array[None], None, name=name)
-    return ImageSet(name, data.images, data.ids, names=(name,))
+    labels = torch.tensor([label], dtype=torch.int64) if label is not None else None
+    return ImageSet(name, data.images, data.ids, names=(name,), labels=labels)
 
 
 def create_app(service: QueryService):
@@ -95,8 +99,8 @@ def create_app(service: QueryService):
         try:
             if "image" in request.files:
                 upload = request.files["image"]
-                images = image_from_bytes(upload.read(), upload.filename or "upload")
                 fields = request.form
+                images = image_from_bytes(upload.read(), upload.filename or "upload", _int(fields.get("label")))
             else:
                 fields = request.get_json(silent=True)
                 if not isinstance(fields, dict) or "data" not in fields:

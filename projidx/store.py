@@ -50,8 +50,9 @@ READABLE_VERSIONS = (1, 2)  # version 1 stores (bool done markers, no digests) a
 
 @dataclass(frozen=True)
 class StoreMeta:
-    """What a store was computed from. A store is resumed only if all fields but ``checkpoint_dir`` and
-    ``dataset_name`` (where they were read from) agree: see :meth:`difference`."""
+    """What a store was computed from. A store is resumed only if all fields but ``checkpoint_dir``,
+    ``checkpoint_folders``, ``dataset_name`` and ``dataset_options`` (where and how they were read) agree: see
+    :meth:`difference`."""
 
     projector: ProjectorSpec
     model_fingerprint: str
@@ -69,7 +70,10 @@ class StoreMeta:
     objective: str = "loss"  # "loss" (the paper) or "dtrak" (D-TRAK's mean squared model output)
     train_draws: int = 1  # noise draws averaged per training-side gradient
     noise: str = "per-sample"  # diffusion.NOISE_POLICIES; stores written before the policy existed are per-sample
-    checkpoint_dir: str | None = field(default=None, compare=False)
+    prediction: str = "epsilon"  # settings.PREDICTIONS: what the network outputs, hence the loss's target
+    conditioning: dict = field(default_factory=dict)  # {model input: requirements} (diffusion.model_conditioning)
+    checkpoint_dir: str | None = field(default=None, compare=False)  # a projidx checkpoint directory, or
+    checkpoint_folders: list[str] = field(default_factory=list, compare=False)  # diffusers folders, in order
     dataset_options: dict = field(default_factory=dict, compare=False)  # data.DataOptions the data was read with
 
     @property
@@ -79,6 +83,11 @@ class StoreMeta:
     @property
     def checkpoint_ids(self) -> list[str]:
         return [c["id"] for c in self.checkpoints]
+
+    @property
+    def conditioning_inputs(self) -> tuple[str, ...]:
+        """The model inputs besides (x_t, t) that the data supplies (part of the dataset fingerprint)."""
+        return tuple(sorted(self.conditioning))
 
     def to_dict(self) -> dict:
         return {
@@ -99,7 +108,10 @@ class StoreMeta:
             "objective": self.objective,
             "train_draws": self.train_draws,
             "noise": self.noise,
+            "prediction": self.prediction,
+            "conditioning": self.conditioning,
             "checkpoint_dir": self.checkpoint_dir,
+            "checkpoint_folders": self.checkpoint_folders,
             "dataset_options": self.dataset_options,
         }
 
@@ -132,7 +144,10 @@ class StoreMeta:
             objective=d.get("objective", "loss"),
             train_draws=int(d.get("train_draws", 1)),
             noise=d.get("noise", "per-sample"),
+            prediction=d.get("prediction", "epsilon"),
+            conditioning={str(k): dict(v) for k, v in (d.get("conditioning") or {}).items()},
             checkpoint_dir=d.get("checkpoint_dir"),
+            checkpoint_folders=[str(f) for f in d.get("checkpoint_folders") or []],
             dataset_options=dict(d.get("dataset_options") or {}),
         )
 
@@ -155,6 +170,8 @@ class StoreMeta:
             "objective": "objective",
             "train_draws": "training-side noise draws",
             "noise": "noise policy",
+            "prediction": "prediction type",
+            "conditioning": "conditioning",
         }
         differ = []
         for attr, label in names.items():

@@ -9,11 +9,13 @@ A method that cannot find a training image for itself cannot be trusted on anyth
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from projidx.checkpoints import CheckpointSet
-from projidx.data import ImageSet
+from projidx.data import ImageSet, concat
 from projidx.errors import ProjidxError
 from projidx.featurization import featurize_queries
 from projidx.scoring import METHODS, query_vectors, source_ranks
@@ -41,9 +43,10 @@ def sample_rows(n: int, samples: int, seed: int) -> np.ndarray:
 
 def check_queries(train: ImageSet, rows: np.ndarray, sigma: float, seed: int) -> dict[str, ImageSet]:
     """The three query sets of the checks, each query carrying its source's sample id."""
-    images, ids = train.images[rows], train.ids[rows]
+    sources = train.subset(rows)
+    images = sources.images
     made = {"self": images, "near-copy": near_copy(images, sigma, seed), "shift": shift_one_pixel(images)}
-    return {check: ImageSet(f"{train.name}:{check}", x, ids) for check, x in made.items()}
+    return {check: replace(sources, name=f"{train.name}:{check}", images=x) for check, x in made.items()}
 
 
 def summarize(ranks: np.ndarray) -> dict:
@@ -69,7 +72,7 @@ def validate_store(
     ``train`` must be the data the store was built from (same fingerprint). ``methods`` defaults to every
     method the store supports (``matched`` needs a grid store). Query settings default as for ``projidx query``.
     """
-    if train.fingerprint() != store.meta.dataset_fingerprint:
+    if train.fingerprint(store.meta.conditioning_inputs) != store.meta.dataset_fingerprint:
         raise ProjidxError(f"data {train.name} is not the training data store {store.path} was built from")
     if samples < 1:
         raise ProjidxError(f"samples must be >= 1, got {samples}")
@@ -81,8 +84,7 @@ def validate_store(
     if not np.array_equal(store.ids()[rows], train.ids[rows].numpy()):
         raise ProjidxError(f"data {train.name}: the sample ids are not in the store's order")
     sets = check_queries(train, rows, sigma, seed)
-    everything = ImageSet("validate", torch.cat([s.images for s in sets.values()]),
-                          torch.cat([s.ids for s in sets.values()]))
+    everything = concat("validate", list(sets.values()))
     qf = featurize_queries(store, ckpts, everything, query_timesteps, noise_draws, progress=progress)
     sources = np.tile(rows, len(sets))
     report: dict = {"samples": len(rows), "seed": seed, "sigma": sigma, "sample_ids": train.ids[rows].tolist(),
