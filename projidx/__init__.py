@@ -17,6 +17,7 @@ _EXPORTS = {
     "Checkpoint": "projidx.checkpoints",
     "CheckpointSet": "projidx.checkpoints",
     "load_checkpoint_dir": "projidx.checkpoints",
+    "load_checkpoints": "projidx.checkpoints",
     "save_checkpoint": "projidx.checkpoints",
     "ImageSet": "projidx.data",
     "from_arrays": "projidx.data",

@@ -5,6 +5,7 @@ manifest.json::
     {"format": "projidx-checkpoints/1",
      "model": {"kind": "projidx.SmallUNet" | "diffusers.UNet2DModel", "config": {...}},
      "loss": "mse" | "l1", "schedule": {"kind": ..., "T": ...}, "image_shape": [C, H, W],
+     "prediction": "epsilon" | "v_prediction" (optional, epsilon),
      "dataset": {"name": ..., "fingerprint": ...}, "training": {...},
      "checkpoints": [{"id": "ckpt-000", "file": "ckpt-000.pt", "epoch": e, "step": s,
                       "lr": lr, "weight": w, "sha256": ...}, ...]}
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from projidx.diffusion import LOSSES, NoiseSchedule
+from projidx.diffusion import LOSSES, PREDICTIONS, NoiseSchedule
 from projidx.errors import ProjidxError, one_line
 from projidx.files import atomic_path, file_sha256, write_text_atomic
 from projidx.unet import SmallUNet, UNetConfig
@@ -61,23 +62,36 @@ def check_blob(blob: object, cid: str, T: int) -> dict:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One training checkpoint: its file, its TracIn weight w_c, and its content hash."""
+    """One training checkpoint: its file, its TracIn weight w_c, and its content hash.
+
+    The file is a projidx ``.pt`` (a dict with ``state_dict`` and replay records) or a bare weights file written
+    by diffusers (``.safetensors``, or a ``.bin`` state dict), whose keys get ``key_prefix`` to match the model
+    (``unet.`` for the :class:`~projidx.diffusion.DiffusersEps` adapter)."""
 
     id: str
     path: Path
     weight: float
     sha256: str
+    key_prefix: str = ""
 
-    def load(self) -> dict[str, torch.Tensor]:
-        """The checkpoint's tensors, after checking its hash; raises ProjidxError if unreadable."""
+    def load(self) -> dict:
+        """The checkpoint's contents (``{"state_dict": ..., ...}``), after checking its hash; raises ProjidxError
+        if unreadable."""
         if not self.path.is_file():
             raise ProjidxError(f"checkpoint {self.id}: file {self.path} is missing")
         if file_sha256(self.path) != self.sha256:
-            raise ProjidxError(f"checkpoint {self.id}: {self.path} does not match the hash in the manifest")
+            raise ProjidxError(f"checkpoint {self.id}: {self.path} does not match the hash it was recorded with")
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
+            if self.path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                return {"state_dict": {self.key_prefix + k: v for k, v in load_file(self.path).items()}}
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ProjidxError(f"checkpoint {self.id}: cannot read {self.path} ({one_line(e)})") from e
+        if self.path.suffix == ".bin":  # a diffusers state dict
+            return {"state_dict": {self.key_prefix + k: v for k, v in blob.items()}}
+        return blob
 
 
 @dataclass
@@ -93,12 +107,16 @@ class CheckpointSet:
     loss: str
     schedule: NoiseSchedule
     image_shape: tuple[int, int, int]
-    directory: Path | None = None
+    directory: Path | None = None  # a projidx checkpoint directory (manifest.json)
     dataset: dict = field(default_factory=dict)
+    prediction: str = "epsilon"  # settings.PREDICTIONS: what the model outputs
+    folders: tuple[Path, ...] = ()  # diffusers folders, one per checkpoint (load_diffusers_folders)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ProjidxError(f"unknown loss {self.loss!r} (expected one of {LOSSES})")
+        if self.prediction not in PREDICTIONS:
+            raise ProjidxError(f"unknown prediction type {self.prediction!r} (expected one of {PREDICTIONS})")
         if not self.checkpoints:
             raise ProjidxError("no checkpoints given")
         ids = [c.id for c in self.checkpoints]
@@ -179,8 +197,130 @@ def load_checkpoint_dir(directory: str | Path) -> CheckpointSet:
             image_shape=tuple(int(s) for s in m["image_shape"]),  # type: ignore[arg-type]
             directory=directory,
             dataset=dict(m.get("dataset", {})),
+            prediction=str(m.get("prediction", "epsilon")),
         )
     except ProjidxError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ProjidxError(f"checkpoints {directory}: malformed {MANIFEST} ({one_line(e)!r})") from e
+
+
+DIFFUSERS_UNETS = ("UNet2DModel", "UNet2DConditionModel")
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    """A diffusers pipeline folder (``model_index.json`` + ``unet/``) or a UNet folder (``config.json``)."""
+    return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file() \
+        or (path / "config.json").is_file()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ProjidxError(f"{what}: cannot read {path} ({one_line(e)})") from e
+    if not isinstance(value, dict):
+        raise ProjidxError(f"{what}: {path} must hold a JSON object")
+    return value
+
+
+def diffusers_parts(folder: Path) -> tuple[Path, Path]:
+    """(the UNet folder, the scheduler config file) of a diffusers folder: a pipeline folder written by
+    ``save_pretrained`` (``unet/``, ``scheduler/scheduler_config.json``), or a UNet folder with
+    ``scheduler_config.json`` in it or in a ``scheduler/`` folder beside it."""
+    unet = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    for candidate in (folder / "scheduler" / "scheduler_config.json", unet / "scheduler_config.json",
+                      unet.parent / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return unet, candidate
+    raise ProjidxError(f"checkpoints {folder}: no scheduler config (scheduler/scheduler_config.json or"
+                       " scheduler_config.json beside the UNet's config.json); the noise schedule comes from it")
+
+
+def _comparable(config: dict) -> dict:
+    """A diffusers config without its bookkeeping keys (``_name_or_path``, ``_diffusers_version``, ...)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def load_diffusers_folders(folders: list[str | Path], weights: list[float] | None = None,
+                           loss: str = "mse") -> CheckpointSet:
+    """Checkpoints from diffusers folders (:func:`diffusers_parts`), one per checkpoint, in training order.
+
+    Every folder must hold the same UNet architecture (``UNet2DModel`` or ``UNet2DConditionModel``) and the same
+    scheduler; the schedule's alpha-bar comes from the scheduler itself (any beta schedule) and the prediction type
+    from its ``prediction_type`` (epsilon or v_prediction; others refused). ``weights``: the TracIn weight of each
+    checkpoint (default 1 each). Checkpoint ids are the folder names. ``loss``: the training loss (diffusers'
+    training scripts use mse).
+    """
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ProjidxError("diffusers checkpoints need diffusers: pip install 'projidx[diffusers]'") from e
+    from projidx.diffusion import DiffusersEps, prediction_from_diffusers, schedule_from_diffusers
+
+    paths = [Path(f) for f in folders]
+    if not paths:
+        raise ProjidxError("no checkpoints given")
+    if weights is not None and len(weights) != len(paths):
+        raise ProjidxError(f"checkpoint_weights: {len(weights)} weights for {len(paths)} checkpoint folders")
+    configs, schedulers, files = [], [], []
+    for path in paths:
+        if not path.is_dir():
+            raise ProjidxError(f"checkpoints {path}: no such folder")
+        unet, scheduler = diffusers_parts(path)
+        configs.append(_read_json(unet / "config.json", f"checkpoints {path}"))
+        schedulers.append(_read_json(scheduler, f"checkpoints {path}"))
+        found = [unet / name for name in DIFFUSERS_WEIGHTS if (unet / name).is_file()]
+        if not found:
+            raise ProjidxError(f"checkpoints {path}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)}) in {unet}")
+        files.append(found[0])
+    for path, config, sched in zip(paths[1:], configs[1:], schedulers[1:], strict=True):
+        if _comparable(config) != _comparable(configs[0]):
+            raise ProjidxError(f"checkpoints {path}: its UNet config differs from {paths[0]}'s (one architecture"
+                               " per run)")
+        if _comparable(sched) != _comparable(schedulers[0]):
+            raise ProjidxError(f"checkpoints {path}: its scheduler config differs from {paths[0]}'s")
+    kind = configs[0].get("_class_name")
+    if kind not in DIFFUSERS_UNETS:
+        raise ProjidxError(f"checkpoints {paths[0]}: the model is a {kind!r}; supported: {', '.join(DIFFUSERS_UNETS)}")
+    try:
+        model = DiffusersEps(getattr(diffusers, kind).from_config(configs[0]))
+        scheduler_class = getattr(diffusers, str(schedulers[0].get("_class_name")), None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            scheduler_class = diffusers.DDPMScheduler
+        scheduler = scheduler_class.from_config(schedulers[0])
+        schedule = schedule_from_diffusers(scheduler)
+        prediction = prediction_from_diffusers(schedulers[0])
+    except ValueError as e:
+        raise ProjidxError(f"checkpoints {paths[0]}: {one_line(e)}") from e
+    names = [re.sub(r"[^A-Za-z0-9._-]", "-", p.resolve().name).lstrip("._-")[:128] or "ckpt" for p in paths]
+    ids = names if len(set(names)) == len(names) else [f"ckpt-{i:03d}" for i in range(len(paths))]
+    size = configs[0].get("sample_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    ckpts = [Checkpoint(cid, f, float(weights[i]) if weights is not None else 1.0, file_sha256(f), "unet.")
+             for i, (cid, f) in enumerate(zip(ids, files, strict=True))]
+    return CheckpointSet(model=model, checkpoints=ckpts, loss=loss, schedule=schedule,
+                         image_shape=(int(configs[0].get("in_channels", 3)), int(h), int(w)), prediction=prediction,
+                         folders=tuple(p.resolve() for p in paths))
+
+
+def load_checkpoints(locations: list[str | Path], weights: list[float] | None = None) -> CheckpointSet:
+    """What ``--checkpoints`` names: one projidx checkpoint directory (``manifest.json``), or diffusers folders
+    (:func:`load_diffusers_folders`, with ``weights``)."""
+    paths = [Path(p) for p in locations]
+    missing = [p for p in paths if not p.is_dir()]
+    if missing:
+        raise ProjidxError(f"checkpoints {missing[0]}: no such folder (a projidx checkpoint directory with {MANIFEST},"
+                           " or diffusers folders)")
+    if len(paths) == 1 and (paths[0] / MANIFEST).is_file():
+        ckpts = load_checkpoint_dir(paths[0])
+        if weights is not None and [float(w) for w in weights] != [c.weight for c in ckpts.checkpoints]:
+            raise ProjidxError(f"checkpoints {paths[0]}: its TracIn weights come from its {MANIFEST}; leave out"
+                               " --checkpoint-weights")
+        return ckpts
+    if all(is_diffusers_folder(p) for p in paths):
+        return load_diffusers_folders(paths, weights)
+    bad = next(p for p in paths if not is_diffusers_folder(p))
+    raise ProjidxError(f"checkpoints {bad}: neither a projidx checkpoint directory ({MANIFEST}, from 'projidx train')"
+                       " nor a diffusers folder (save_pretrained: model_index.json + unet/, or a UNet config.json)")

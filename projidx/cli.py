@@ -148,8 +148,35 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
     click.echo(f"wrote {len(ckpts.checkpoints)} checkpoints to {out}")
 
 
+def checkpoint_options(fn):
+    """--checkpoints (repeatable) and --checkpoint-weights: what a model's checkpoints are."""
+    fn = click.option("--checkpoint-weights", "weights", default=None, metavar="W1,W2,...",
+                      help="diffusers folders: the TracIn weight of each checkpoint, in order (the learning rate x"
+                           " steps since the previous one) [default: 1 each].")(fn)
+    return click.option("--checkpoints", "locations", required=True, multiple=True, type=click.Path(),
+                        help="A projidx checkpoint directory (from 'projidx train'), or diffusers folders"
+                             " (save_pretrained of a pipeline or a UNet with its scheduler config), one per"
+                             " checkpoint in training order (repeat the option).")(fn)
+
+
+def _checkpoints(locations: tuple[str, ...], weights: str | None):
+    """The CheckpointSet of --checkpoints / --checkpoint-weights."""
+    from projidx.checkpoints import load_checkpoints
+
+    values = None
+    if weights is not None:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise ProjidxError(f"--checkpoint-weights must be numbers separated by commas, got {weights!r}") from None
+    try:
+        return load_checkpoints(list(locations), values)
+    except ProjidxError as e:
+        raise ProjidxError(str(e).replace("checkpoint_weights:", "--checkpoint-weights:")) from None
+
+
 @main.command()
-@click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(), help="Checkpoint directory.")
+@checkpoint_options
 @click.option("--data", required=True, help="The training data the checkpoints were trained on.")
 @click.option("--store", required=True, type=click.Path(), help="Zarr store to create or resume.")
 @click.option("--train-timesteps", type=click.Choice(["grid", "replay"]), default=FEATURIZE.train_timesteps,
@@ -182,13 +209,12 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
               help="Replay mode: accept data that is not the set the checkpoints were trained on (warns).")
 @data_options
 @_fail_cleanly
-def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector, projection_seed,
-              noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data, value_range,
-              resize, image_column, label_column) -> None:
+def featurize(locations, weights, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
+              projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data,
+              value_range, resize, image_column, label_column) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
-    from projidx.checkpoints import load_checkpoint_dir
     from projidx.featurization import featurize as run_featurize
 
     _check_device(device)
@@ -198,7 +224,7 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, pr
                   train_draws=train_draws)
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
-    ckpts = load_checkpoint_dir(ckpt_dir)
+    ckpts = _checkpoints(locations, weights)
     images = _data(data, value_range, resize, image_column, label_column)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
@@ -403,34 +429,49 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
 
 
 @main.command()
-@click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(), help="Checkpoint directory.")
+@checkpoint_options
 @click.option("--out", required=True, type=click.Path(),
-              help="A folder (one PNG per image) or a file ending in .npz (images + ids) to write.")
+              help="A folder (one PNG per image) or a file ending in .npz (images, ids and labels) to write.")
 @click.option("--n", "count", default=16, show_default=True, type=click.IntRange(1), help="Images to generate.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps (eta = 0).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the starting noise.")
 @click.option("--checkpoint", "which", default=None, help="Checkpoint id to sample from [default: the last].")
+@click.option("--label", "labels", default=None, metavar="L1,L2,...",
+              help="Class-conditional models: the class label of every image (one), or one per image.")
 @_fail_cleanly
-def sample(ckpt_dir, out, count, steps, seed, which) -> None:
+def sample(locations, weights, out, count, steps, seed, which, labels) -> None:
     """Generate images with deterministic DDIM from a checkpoint, as queries for 'projidx query'."""
-    from projidx.checkpoints import check_blob, load_checkpoint_dir
-    from projidx.diffusion import ddim_sample
+    from projidx.checkpoints import check_blob
+    from projidx.diffusion import ddim_sample, model_conditioning
     from projidx.files import atomic_path
 
-    ckpts = load_checkpoint_dir(ckpt_dir)
+    ckpts = _checkpoints(locations, weights)
     by_id = {c.id: c for c in ckpts.checkpoints}
     if which is not None and which not in by_id:
         raise ProjidxError(f"--checkpoint {which!r}: no such checkpoint (have {', '.join(by_id)})")
     ckpt = by_id[which] if which is not None else ckpts.checkpoints[-1]
+    needs = model_conditioning(ckpts.model)
+    label_array = _sample_labels(labels, count, needs)
+    if set(needs) - {"class_labels"}:
+        raise ProjidxError(f"sample: the model is conditioned on {', '.join(sorted(needs))}; projidx samples"
+                           " unconditional and class-conditional models (generate with your pipeline, then pass"
+                           " the images and their embeddings to query as an .npz)")
+    if label_array is not None and Path(out).suffix != ".npz":
+        raise ProjidxError("--label: write an .npz --out, which keeps each image's label for 'projidx query'")
+    import torch
+
     ckpts.model.load_state_dict(check_blob(ckpt.load(), ckpt.id, ckpts.schedule.T)["state_dict"])
-    images = ddim_sample(ckpts.model.eval(), ckpts.schedule, count, ckpts.image_shape, steps=steps, seed=seed)
+    conditioning = {"class_labels": torch.from_numpy(label_array)} if label_array is not None else None
+    images = ddim_sample(ckpts.model.eval(), ckpts.schedule, count, ckpts.image_shape, steps=steps, seed=seed,
+                         prediction=ckpts.prediction, conditioning=conditioning)
     pixels = ((images.numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
     target = Path(out)
     if target.suffix == ".npz":
         import numpy as np
 
+        extra = {"labels": label_array} if label_array is not None else {}
         with atomic_path(target) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=pixels, ids=np.arange(count))
+            np.savez(f, images=pixels, ids=np.arange(count), **extra)
     else:
         from PIL import Image
 
@@ -439,6 +480,29 @@ def sample(ckpt_dir, out, count, steps, seed, which) -> None:
             with atomic_path(target / f"sample_{i:05d}.png") as tmp:
                 Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
     click.echo(f"wrote {count} images sampled from checkpoint {ckpt.id} ({steps} DDIM steps, seed {seed}) to {out}")
+
+
+def _sample_labels(labels: str | None, count: int, needs: dict[str, dict]):
+    """(count,) int64 class labels from --label (one for all, or one per image), or None; refused where the
+    model takes none, required where it takes them."""
+    import numpy as np
+
+    classes = needs.get("class_labels", {}).get("classes") if "class_labels" in needs else None
+    if labels is None:
+        if "class_labels" in needs:
+            raise ProjidxError(f"the model is class-conditional ({classes} classes): pass --label")
+        return None
+    if "class_labels" not in needs:
+        raise ProjidxError("--label: the model takes no class labels")
+    try:
+        values = [int(v) for v in labels.split(",")]
+    except ValueError:
+        raise ProjidxError(f"--label must be integers separated by commas, got {labels!r}") from None
+    if len(values) not in (1, count):
+        raise ProjidxError(f"--label: give one label or {count} (--n), got {len(values)}")
+    if classes is not None and not all(0 <= v < classes for v in values):
+        raise ProjidxError(f"--label: class labels lie in [0, {classes}) for this model, got {labels}")
+    return np.asarray(values * count if len(values) == 1 else values, dtype=np.int64)
 
 
 @main.command()

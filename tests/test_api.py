@@ -20,7 +20,7 @@ from projidx import (
     schedule_from_diffusers,
 )
 from projidx.checkpoints import file_sha256
-from projidx.diffusion import diffusion_loss
+from projidx.diffusion import diffusion_loss, prediction_from_diffusers
 from projidx.grads import GradientComputer
 
 
@@ -77,8 +77,15 @@ def test_diffusers_unet_per_sample_gradients_match_a_loop():
     torch.manual_seed(0)
     schedule = schedule_from_diffusers(DDPMScheduler(num_train_timesteps=1000))
     assert schedule == NoiseSchedule("linear", 1000)
-    with pytest.raises(ValueError, match="prediction_type is 'v_prediction'"):
-        schedule_from_diffusers(DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="prediction_type is 'sample'"):
+        prediction_from_diffusers(DDPMScheduler(prediction_type="sample").config)
+    assert prediction_from_diffusers(DDPMScheduler(prediction_type="v_prediction").config) == "v_prediction"
+    # a schedule projidx has no name for is taken from the scheduler's own betas
+    scaled = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012)
+    custom = schedule_from_diffusers(scaled)
+    assert custom.kind == "custom"
+    torch.testing.assert_close(custom.alphas_cumprod().float(), scaled.alphas_cumprod.float(), rtol=1e-5, atol=1e-7)
+    assert NoiseSchedule.from_dict(custom.to_dict()) == custom
     model = DiffusersEps(_tiny_diffusers_unet())
     computer = GradientComputer(model, schedule, "mse")
     x0, t, eps = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([3, 300, 900]), torch.randn(3, 1, 1, 8, 8)

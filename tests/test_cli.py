@@ -188,7 +188,7 @@ def test_bad_checkpoints(tmp_path, pipeline, rgb_npz):
     train_npz, _ = rgb_npz
     store = tmp_path / "new.zarr"
     feat = ["featurize", "--data", train_npz, "--store", store, "--proj-dim", 16]
-    assert_clean_error(run(*feat, "--checkpoints", tmp_path / "nowhere", ok=False), "no manifest.json")
+    assert_clean_error(run(*feat, "--checkpoints", tmp_path / "nowhere", ok=False), "no such folder", "manifest.json")
     # a checkpoint file missing
     ck = tmp_path / "ck"
     shutil.copytree(d / "ck", ck)
