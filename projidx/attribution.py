@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from projidx.checkpoints import CheckpointSet, load_checkpoint_dir, load_diffusers_folders
-from projidx.data import IMAGE_SUFFIXES, DataOptions, ImageSet, load_dataset
+from projidx.data import IMAGE_SUFFIXES, DataOptions, Dataset, ImageSet, load_dataset
 from projidx.errors import ProjidxError
 from projidx.features import QueryFeatures
 from projidx.featurization import featurize_queries
@@ -94,9 +94,10 @@ def attribute(
     return Attribution(method, top_k, queries.ids, ids, scores, timings, query_names=query_names)
 
 
-def store_dataset(store: FeatureStore) -> ImageSet:
-    """The training data a store was built from, reloaded by name (refused if it changed since)."""
-    train = load_dataset(store.meta.dataset_name, DataOptions.from_dict(store.meta.dataset_options))
+def store_dataset(store: FeatureStore) -> Dataset:
+    """The training data a store was built from, reloaded by name, images left on disk where the kind allows
+    (refused if it changed since: one streamed pass for the fingerprint)."""
+    train = load_dataset(store.meta.dataset_name, DataOptions.from_dict(store.meta.dataset_options), stream=True)
     if train.fingerprint(store.meta.conditioning_inputs) != store.meta.dataset_fingerprint:
         raise ProjidxError(f"the training data {store.meta.dataset_name} changed since the store was built")
     return train
@@ -108,10 +109,14 @@ def has_file_names(store: FeatureStore) -> bool:
     return path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def training_images(store: FeatureStore, ids: np.ndarray, train: ImageSet | None = None) -> np.ndarray:
+def training_images(store: FeatureStore, ids: np.ndarray, train: Dataset | None = None) -> np.ndarray:
     """(*ids.shape, C, H, W) the training images with the given sample ids (from :func:`store_dataset` unless
-    ``train`` is given); black for id -1."""
+    ``train`` is given; only those rows are read); black for id -1."""
     train = train if train is not None else store_dataset(store)
     row = {int(i): r for r, i in enumerate(train.ids.tolist())}
-    images = np.concatenate([train.images.numpy(), np.full((1, *train.image_shape), -1.0, np.float32)])
-    return images[np.vectorize(lambda i: row.get(int(i), -1))(ids)]  # id -1 (unfilled slot): a blank image
+    wanted = sorted({row[int(i)] for i in np.ravel(ids) if int(i) in row})
+    position = {r: k for k, r in enumerate(wanted)}
+    images = np.concatenate([train.subset(np.asarray(wanted, dtype=np.int64)).images.numpy(),
+                             np.full((1, *train.image_shape), -1.0, np.float32)])
+    # id -1 (unfilled slot): the blank image at the end
+    return images[np.vectorize(lambda i: position.get(row.get(int(i), -1), -1))(ids)]

@@ -94,8 +94,9 @@ def data_options(fn):
 
 
 def _data(spec: str, value_range: str, resize: str | None, image_column: str = "image",
-          label_column: str | None = None):
-    """The ImageSet of a --data spec read with --value-range / --resize / --image-column / --label-column."""
+          label_column: str | None = None, stream: bool = False):
+    """The dataset of a --data spec read with --value-range / --resize / --image-column / --label-column
+    (``stream``: images left on disk where the kind allows, data.StreamedImages)."""
     from projidx.data import load_dataset
 
     size = None
@@ -106,7 +107,7 @@ def _data(spec: str, value_range: str, resize: str | None, image_column: str = "
             raise ProjidxError(f"--resize must look like 32x32, got {resize!r}") from None
         size = (h, w)
     return load_dataset(spec, _flags(DataOptions, value_range=value_range, resize=size, image_column=image_column,
-                                     label_column=label_column))
+                                     label_column=label_column), stream=stream)
 
 
 @click.group()
@@ -225,7 +226,7 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
     ckpts = _checkpoints(locations, weights)
-    images = _data(data, value_range, resize, image_column, label_column)
+    images = _data(data, value_range, resize, image_column, label_column, stream=True)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
     click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({fs.meta.train_timesteps},"
@@ -404,7 +405,7 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
     from projidx.validate import CHECKS, failures, validate_store
 
     fs = FeatureStore.open(store)
-    train = _data(data, value_range, resize, image_column, label_column) if data else store_dataset(fs)
+    train = _data(data, value_range, resize, image_column, label_column, stream=True) if data else store_dataset(fs)
     report = validate_store(fs, store_checkpoints(fs), train, samples, seed, sigma, tuple(methods) or None,
                             query_timesteps, noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"

@@ -23,6 +23,7 @@ different sizes are refused without it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from projidx.settings import DataOptions
 
 DIGITS_TRAIN = 1500
 PHOTO_PATCHES, PHOTOS_TRAIN = 1200, 1000
+STREAM_ROWS = 1024  # rows a streamed pass (fingerprint, value range) reads at a time
 BUILTIN = ("digits", "digits:train", "digits:test", "photos", "photos:train", "photos:test", "photos:gray8")
 
 
@@ -70,39 +72,11 @@ class ImageSet:
     def fingerprint(self, conditioning: tuple[str, ...] = ()) -> str:
         """sha256 over the images' bytes and the ids, and the conditioning inputs named (they change every
         gradient): two datasets share it only if they are equal."""
-        h = hashlib.sha256()
-        h.update(str(self.image_shape).encode())
-        h.update(self.images.contiguous().numpy().tobytes())
-        h.update(self.ids.contiguous().numpy().tobytes())
-        for name, value in sorted(self.conditioning({c: {} for c in conditioning}).items()):
-            h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-            h.update(value.contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return fingerprint(self.image_shape, [self.images], self.ids, self.conditioning({c: {} for c in conditioning}))
 
     def conditioning(self, needs: dict[str, dict]) -> dict[str, torch.Tensor]:
-        """{model input: (N, ...) tensor} for the conditioning a model ``needs``
-        (:func:`projidx.diffusion.model_conditioning`), checked against its requirements (class count, embedding
-        width); ProjidxError naming what the data lacks."""
-        out = {}
-        for name, need in needs.items():
-            if name not in CONDITIONING_FIELDS:
-                raise ProjidxError(f"the model takes {name!r}, which projidx cannot read from data (it passes"
-                                   f" {', '.join(CONDITIONING_FIELDS)})")
-            attr = CONDITIONING_FIELDS[name]
-            value = getattr(self, attr)
-            if value is None:
-                raise ProjidxError(f"data {self.name}: the model is conditioned on {name}; give the data"
-                                   f" {CONDITIONING_HINTS[attr]}")
-            classes = need.get("classes")
-            if classes is not None and len(value) and (int(value.min()) < 0 or int(value.max()) >= classes):
-                raise ProjidxError(f"data {self.name}: class labels must lie in [0, {classes}) for this model, found"
-                                   f" {int(value.min())}..{int(value.max())}")
-            dim = need.get("dim")
-            if dim is not None and value.shape[-1] != dim:
-                raise ProjidxError(f"data {self.name}: embeddings are {tuple(value.shape[1:])}, the model's"
-                                   f" cross-attention takes (L, {dim})")
-            out[name] = value
-        return out
+        """{model input: (N, ...) tensor} for the conditioning a model ``needs``: see :func:`check_conditioning`."""
+        return check_conditioning(self.name, {"labels": self.labels, "embeddings": self.embeddings}, needs)
 
     def subset(self, rows: slice | np.ndarray) -> ImageSet:
         """The rows ``rows`` (a slice, or an array of row numbers) with everything that goes with them."""
@@ -121,6 +95,96 @@ class ImageSet:
         return [[by_id.get(int(i), "") if int(i) >= 0 else "" for i in row] for row in np.atleast_2d(ids)]
 
 
+def fingerprint(image_shape: tuple[int, ...], image_chunks: Iterable[torch.Tensor], ids: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> str:
+    """sha256 over the image shape, the float32 images' bytes (given in row order, in chunks of any size), the ids
+    and the conditioning tensors: the same digest whether the images are in memory or streamed."""
+    h = hashlib.sha256()
+    h.update(str(tuple(image_shape)).encode())
+    for chunk in image_chunks:
+        h.update(chunk.contiguous().numpy().tobytes())
+    h.update(ids.contiguous().numpy().tobytes())
+    for name, value in sorted(conditioning.items()):
+        h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        h.update(value.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_conditioning(name: str, fields: dict[str, torch.Tensor | None], needs: dict[str, dict]
+                       ) -> dict[str, torch.Tensor]:
+    """{model input: (N, ...) tensor} for the conditioning a model ``needs``
+    (:func:`projidx.diffusion.model_conditioning`) from a dataset's ``fields`` (labels, embeddings), checked against
+    the model's requirements (class count, embedding width); ProjidxError naming what the data lacks."""
+    out = {}
+    for need_name, need in needs.items():
+        if need_name not in CONDITIONING_FIELDS:
+            raise ProjidxError(f"the model takes {need_name!r}, which projidx cannot read from data (it passes"
+                               f" {', '.join(CONDITIONING_FIELDS)})")
+        attr = CONDITIONING_FIELDS[need_name]
+        value = fields.get(attr)
+        if value is None:
+            raise ProjidxError(f"data {name}: the model is conditioned on {need_name}; give the data"
+                               f" {CONDITIONING_HINTS[attr]}")
+        classes = need.get("classes")
+        if classes is not None and len(value) and (int(value.min()) < 0 or int(value.max()) >= classes):
+            raise ProjidxError(f"data {name}: class labels must lie in [0, {classes}) for this model, found"
+                               f" {int(value.min())}..{int(value.max())}")
+        dim = need.get("dim")
+        if dim is not None and value.shape[-1] != dim:
+            raise ProjidxError(f"data {name}: embeddings are {tuple(value.shape[1:])}, the model's"
+                               f" cross-attention takes (L, {dim})")
+        out[need_name] = value
+    return out
+
+
+class StreamedImages:
+    """A dataset whose images stay on disk and are read a few rows at a time (:meth:`subset`): an ``.npy`` array
+    (memory-mapped), a folder of image files, or a Hugging Face dataset's image column. ids, names, labels and
+    embeddings are in memory; the images never are all at once. Rows read equal those of the in-memory load bit
+    for bit, and :meth:`fingerprint` (computed chunk by chunk) equals :meth:`ImageSet.fingerprint`.
+
+    ``read(rows)``: (len(rows), C, H, W) float32 images in [-1, 1] of the row numbers ``rows``.
+    """
+
+    def __init__(self, name: str, ids: torch.Tensor, read: Callable[[np.ndarray], torch.Tensor],
+                 names: tuple[str, ...] | None = None, labels: torch.Tensor | None = None,
+                 options: DataOptions = DataOptions(), embeddings: torch.Tensor | None = None) -> None:
+        self.name, self.ids, self.names, self.labels, self.embeddings = name, ids, names, labels, embeddings
+        self.options = options
+        self._read = read
+        self.image_shape: tuple[int, int, int] = tuple(int(v) for v in read(np.arange(1)).shape[1:])  # type: ignore
+        self._fingerprints: dict[tuple[str, ...], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, rows: slice | np.ndarray) -> ImageSet:
+        """The rows ``rows`` (a slice, or an array of row numbers), read into memory as an :class:`ImageSet`."""
+        index = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        header = ImageSet(self.name, torch.empty(len(self), 0), self.ids, self.names, self.labels, self.options,
+                          self.embeddings).subset(index)
+        return replace(header, images=self._read(index))
+
+    def chunks(self, rows: int | None = None) -> Iterator[torch.Tensor]:
+        """The images in row order, ``rows`` (default STREAM_ROWS) at a time."""
+        rows = rows or STREAM_ROWS
+        for start in range(0, len(self), rows):
+            yield self._read(np.arange(start, min(start + rows, len(self))))
+
+    def fingerprint(self, conditioning: tuple[str, ...] = ()) -> str:
+        """As :meth:`ImageSet.fingerprint`, read chunk by chunk (and remembered)."""
+        if conditioning not in self._fingerprints:
+            self._fingerprints[conditioning] = fingerprint(self.image_shape, self.chunks(), self.ids,
+                                                           self.conditioning({c: {} for c in conditioning}))
+        return self._fingerprints[conditioning]
+
+    def conditioning(self, needs: dict[str, dict]) -> dict[str, torch.Tensor]:
+        return check_conditioning(self.name, {"labels": self.labels, "embeddings": self.embeddings}, needs)
+
+
+Dataset = ImageSet | StreamedImages  # what featurization reads: rows by subset(), ids, fingerprint, conditioning
+
+
 def concat(name: str, sets: list[ImageSet]) -> ImageSet:
     """One ImageSet of ``sets`` one after the other (ids may repeat: for queries); labels, embeddings and names
     kept where every set has them."""
@@ -133,8 +197,10 @@ def concat(name: str, sets: list[ImageSet]) -> ImageSet:
                     joined("labels"), sets[0].options, joined("embeddings"))
 
 
-def load_dataset(spec: str, options: DataOptions = DataOptions()) -> ImageSet:
-    """Load a DATA spec (see module docstring); raises :class:`ProjidxError` on bad input."""
+def load_dataset(spec: str, options: DataOptions = DataOptions(), stream: bool = False) -> Dataset:
+    """Load a DATA spec (see module docstring); raises :class:`ProjidxError` on bad input. ``stream``: keep the
+    images of an ``.npy``, an image folder or a Hugging Face image column on disk (:class:`StreamedImages`);
+    other kinds are read into memory either way."""
     if spec.startswith("digits") and spec in BUILTIN:
         return _resized(_digits(spec), options)
     if spec.startswith("photos") and spec in BUILTIN:
@@ -144,12 +210,20 @@ def load_dataset(spec: str, options: DataOptions = DataOptions()) -> ImageSet:
         raise ProjidxError(f"data {spec!r}: no such file or folder (expected one of {', '.join(BUILTIN)}, an image"
                            " folder, an image file, an .npy or an .npz)")
     if is_hf_dataset(path):
-        return from_hf(path, options)
+        return from_hf(path, options, stream)
     if path.is_dir():
-        return from_folder(path, options)
+        return from_folder(path, options, stream)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return from_image_files(path.parent, [path.name], None, options, name=str(path.resolve()))
     if path.suffix.lower() == ".npy":
+        try:
+            rows = NpyRows(path) if stream else None
+        except ValueError:  # Fortran order or not numeric: read whole, as without stream
+            rows = None
+        except Exception as e:
+            raise ProjidxError(f"data {path}: not a readable .npy file ({one_line(e)})") from e
+        if rows is not None:
+            return stream_arrays(rows, str(path.resolve()), options)
         try:
             images = np.load(path, allow_pickle=False)
         except Exception as e:
@@ -166,12 +240,14 @@ def _resized(data: ImageSet, options: DataOptions) -> ImageSet:
     return replace(data, images=images.contiguous())
 
 
-def from_folder(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
-    """A folder of images (ids in sorted file-name order), or of one sub-folder of images per class."""
+def from_folder(path: Path, options: DataOptions = DataOptions(), stream: bool = False) -> Dataset:
+    """A folder of images (ids in sorted file-name order), or of one sub-folder of images per class; ``stream``:
+    files are read when their rows are (:func:`stream_image_files`)."""
+    load = stream_image_files if stream else from_image_files
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if files:
-        return from_image_files(path, files, None, options, name=str(path.resolve()))
+        return load(path, files, None, options, name=str(path.resolve()))
     per_class = [(c, sorted(p.name for p in (path / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
                  for c in classes]
     per_class = [(c, names) for c, names in per_class if names]
@@ -180,44 +256,78 @@ def from_folder(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
                            " sub-folders")
     files = [f"{c}/{n}" for c, names in per_class for n in names]
     labels = [k for k, (_, names) in enumerate(per_class) for _ in names]
-    return from_image_files(path, files, labels, options, name=str(path.resolve()))
+    return load(path, files, labels, options, name=str(path.resolve()))
+
+
+def _read_pixels(path: Path) -> np.ndarray:
+    """One image file as (H, W) or (H, W, 3) uint8 (:func:`_pixels`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pixels(img)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ProjidxError(f"data {path}: not a readable image ({one_line(e)})") from e
 
 
 def from_image_files(root: Path, files: list[str], labels: list[int] | None, options: DataOptions,
                      name: str) -> ImageSet:
     """Read image files (Pillow) as uint8 arrays: grayscale stays one channel unless some image has colour."""
-    from PIL import Image, UnidentifiedImageError
-
-    arrays = []
-    for f in files:
-        try:
-            with Image.open(root / f) as img:
-                img.load()
-                arrays.append(_pixels(img))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ProjidxError(f"data {root / f}: not a readable image ({one_line(e)})") from e
-    data = from_pixel_arrays(arrays, options, name)
+    data = from_pixel_arrays([_read_pixels(root / f) for f in files], options, name)
     return replace(data, names=tuple(files),
                    labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None)
 
 
+def stream_image_files(root: Path, files: list[str], labels: list[int] | None, options: DataOptions,
+                       name: str) -> StreamedImages:
+    """:func:`from_image_files`, streamed: only the files' headers are read up front (for the colour and size
+    decisions that depend on every image), the pixels when their rows are asked for."""
+    from PIL import Image, UnidentifiedImageError
+
+    gray, sizes = True, set()
+    for f in files:
+        try:
+            with Image.open(root / f) as img:
+                gray, sizes = gray and img.mode in GRAY_MODES, sizes | {img.size}
+        except (UnidentifiedImageError, OSError) as e:
+            raise ProjidxError(f"data {root / f}: not a readable image ({one_line(e)})") from e
+    _check_sizes(sorted((h, w) for w, h in sizes), options, name)
+
+    def read(rows: np.ndarray) -> torch.Tensor:
+        arrays = [_read_pixels(root / files[int(r)]) for r in rows]
+        return from_pixel_arrays(arrays, options, name, color=not gray, mixed=len(sizes) > 1).images
+
+    return StreamedImages(name, torch.arange(len(files), dtype=torch.int64), read, tuple(files),
+                          torch.tensor(labels, dtype=torch.int64) if labels is not None else None, options)
+
+
+GRAY_MODES = ("1", "L", "I;16", "I", "F")  # PIL modes read as one channel
+
+
 def _pixels(img) -> np.ndarray:
     """(H, W) or (H, W, 3) uint8 of a PIL image: grayscale modes stay one channel."""
-    gray = img.mode in ("1", "L", "I;16", "I", "F")
-    return np.asarray(img.convert("L" if gray else "RGB"))
+    return np.asarray(img.convert("L" if img.mode in GRAY_MODES else "RGB"))
 
 
-def from_pixel_arrays(arrays: list[np.ndarray], options: DataOptions, name: str) -> ImageSet:
+def _check_sizes(sizes: list[tuple[int, int]], options: DataOptions, name: str) -> None:
+    """Images of different (H, W) ``sizes`` need ``options.resize``."""
+    if len(sizes) > 1 and options.resize is None:
+        raise ProjidxError(f"data {name}: images have different sizes ({sizes[0][0]}x{sizes[0][1]},"
+                           f" {sizes[-1][0]}x{sizes[-1][1]}, ...): pass --resize HxW")
+
+
+def from_pixel_arrays(arrays: list[np.ndarray], options: DataOptions, name: str, color: bool | None = None,
+                      mixed: bool | None = None) -> ImageSet:
     """Stack (H, W) / (H, W, 3) uint8 images: grayscale is repeated to 3 channels when any image has colour;
-    different sizes need ``options.resize``."""
-    color = any(a.ndim == 3 for a in arrays)
+    different sizes need ``options.resize`` (resized with Pillow). ``color`` and ``mixed`` (sizes differ): the
+    decisions for the whole dataset when ``arrays`` are some of its rows (None: from ``arrays``)."""
+    color = any(a.ndim == 3 for a in arrays) if color is None else color
     if color:
         arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
     sizes = sorted({a.shape[:2] for a in arrays})
-    if len(sizes) > 1:
-        if options.resize is None:
-            raise ProjidxError(f"data {name}: images have different sizes ({sizes[0][0]}x{sizes[0][1]},"
-                               f" {sizes[-1][0]}x{sizes[-1][1]}, ...): pass --resize HxW")
+    if (len(sizes) > 1) if mixed is None else mixed:
+        _check_sizes(sizes, options, name)  # a forced ``mixed`` was checked for the whole dataset
         from PIL import Image as PILImage
 
         h, w = options.resize
@@ -233,10 +343,11 @@ def is_hf_dataset(path: Path) -> bool:
                                                             or (path / "dataset_dict.json").is_file()))
 
 
-def from_hf(path: Path, options: DataOptions) -> ImageSet:
+def from_hf(path: Path, options: DataOptions, stream: bool = False) -> Dataset:
     """A Hugging Face dataset: a ``save_to_disk`` folder (a DatasetDict uses its "train" split) or a parquet file;
     images from ``options.image_column`` (PIL images or arrays), labels from ``options.label_column`` (default
-    "label" when present). Ids are the row numbers."""
+    "label" when present). Ids are the row numbers. ``stream``: an image column (the datasets Image feature) is
+    decoded when its rows are asked for; only the images' headers are read up front."""
     try:
         import datasets
     except ImportError as e:
@@ -257,6 +368,9 @@ def from_hf(path: Path, options: DataOptions) -> ImageSet:
     label = options.label_column or ("label" if "label" in columns else None)
     if label is not None and label not in columns:
         raise ProjidxError(f"data {path}: no column {label!r} (columns: {', '.join(columns)})")
+    labels = torch.tensor(np.asarray(ds[label]), dtype=torch.int64) if label is not None else None
+    if stream and isinstance(ds.features[options.image_column], datasets.Image):
+        return _stream_hf(ds, options, str(path.resolve()), labels)
     arrays = []
     for value in ds[options.image_column]:
         if hasattr(value, "convert"):  # a PIL image (the datasets Image feature)
@@ -268,9 +382,30 @@ def from_hf(path: Path, options: DataOptions) -> ImageSet:
         data = from_pixel_arrays(arrays, options, name)
     else:
         data = from_arrays(np.stack(arrays), None, name=name, options=options)
-    if label is not None:
-        data = replace(data, labels=torch.tensor(np.asarray(ds[label]), dtype=torch.int64))
-    return data
+    return replace(data, labels=labels)
+
+
+def _stream_hf(ds, options: DataOptions, name: str, labels: torch.Tensor | None) -> StreamedImages:
+    """A datasets Image column read as :func:`stream_image_files` reads files: headers first, pixels per row."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    raw = ds.cast_column(options.image_column, datasets.Image(decode=False))
+    gray, sizes = True, set()
+    for start in range(0, len(raw), STREAM_ROWS):
+        for value in raw[start : start + STREAM_ROWS][options.image_column]:
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with Image.open(source) as img:
+                gray, sizes = gray and img.mode in GRAY_MODES, sizes | {img.size}
+    _check_sizes(sorted((h, w) for w, h in sizes), options, name)
+
+    def read(rows: np.ndarray) -> torch.Tensor:
+        arrays = [_pixels(img) for img in ds.select(rows.tolist())[options.image_column]]
+        return from_pixel_arrays(arrays, options, name, color=not gray, mixed=len(sizes) > 1).images
+
+    return StreamedImages(name, torch.arange(len(ds), dtype=torch.int64), read, labels=labels, options=options)
 
 
 def _digits(spec: str) -> ImageSet:
@@ -347,19 +482,25 @@ def channels_first(images: np.ndarray, name: str) -> np.ndarray:
                        f" {images.shape}")
 
 
-def to_unit_range(images: np.ndarray, value_range: str, name: str) -> np.ndarray:
-    """float32 in [-1, 1] from uint8 or float images, per ``value_range`` (DataOptions); refuses float data whose
-    range says it is not what was declared (or, for auto, not [-1, 1])."""
-    if images.dtype == np.uint8 and value_range in ("auto", "0,255"):
-        return images.astype(np.float32) / 255.0 * 2.0 - 1.0
+DECLARED_RANGES = {"-1,1": (-1.0, 1.0), "0,1": (0.0, 1.0), "0,255": (0.0, 255.0)}
+
+
+def value_bounds(images: np.ndarray, name: str, first_row: int = 0) -> tuple[float, float]:
+    """(min, max) of float or integer images; ProjidxError naming the first image (row ``first_row`` + its index)
+    with NaN or inf."""
     if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
         raise ProjidxError(f"data {name}: images must be uint8 or float, got {images.dtype}")
-    x = images.astype(np.float32)
+    x = np.asarray(images, dtype=np.float32)
     bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
     if bad.any():
-        raise ProjidxError(f"data {name}: image {int(np.argmax(bad))} contains NaN or inf")
-    lo, hi = float(x.min()), float(x.max())
-    declared = {"-1,1": (-1.0, 1.0), "0,1": (0.0, 1.0), "0,255": (0.0, 255.0)}
+        raise ProjidxError(f"data {name}: image {first_row + int(np.argmax(bad))} contains NaN or inf")
+    return float(x.min()), float(x.max())
+
+
+def resolve_value_range(lo: float, hi: float, value_range: str, name: str) -> str:
+    """The declared range (DECLARED_RANGES key) of non-uint8 data with values in [lo, hi] read as ``value_range``
+    (DataOptions): auto refuses data that looks like [0, 1] or [0, 255] and means [-1, 1]; a declared range the
+    values leave is refused."""
     if value_range == "auto":
         if lo >= -1e-4 and hi <= 1 + 1e-4:
             raise ProjidxError(f"data {name}: float images in [{lo:.3g}, {hi:.3g}] look like [0, 1], not [-1, 1]:"
@@ -368,12 +509,74 @@ def to_unit_range(images: np.ndarray, value_range: str, name: str) -> np.ndarray
             raise ProjidxError(f"data {name}: float images in [{lo:.3g}, {hi:.3g}] look like [0, 255]: pass"
                                " --value-range 0,255")
         value_range = "-1,1"
-    a, b = declared[value_range]
+    a, b = DECLARED_RANGES[value_range]
     tol = 1e-4 * (b - a)
     if lo < a - tol or hi > b + tol:
         raise ProjidxError(f"data {name}: images must lie in [{a:g}, {b:g}] (--value-range {value_range}), got"
                            f" [{lo:.3g}, {hi:.3g}]")
-    return ((x - a) / (b - a) * 2.0 - 1.0).clip(-1, 1).astype(np.float32)
+    return value_range
+
+
+def to_unit_range(images: np.ndarray, value_range: str, name: str) -> np.ndarray:
+    """float32 in [-1, 1] from uint8 or float images, per ``value_range`` (DataOptions); refuses float data whose
+    range says it is not what was declared (or, for auto, not [-1, 1])."""
+    if images.dtype == np.uint8 and value_range in ("auto", "0,255"):
+        return images.astype(np.float32) / 255.0 * 2.0 - 1.0
+    a, b = DECLARED_RANGES[resolve_value_range(*value_bounds(images, name), value_range, name)]
+    return ((images.astype(np.float32) - a) / (b - a) * 2.0 - 1.0).clip(-1, 1).astype(np.float32)
+
+
+class NpyRows:
+    """The rows of a C-ordered ``.npy`` file, read from disk when indexed (``rows[a:b]``, ``rows[array]``) with
+    plain reads: unlike a memory map, rows read do not stay resident in the process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        header = np.load(path, mmap_mode="r", allow_pickle=False)  # numpy's parser; only the header is read
+        shape, dtype, fortran = header.shape, header.dtype, bool(header.flags.f_contiguous and header.ndim > 1)
+        self.offset = int(header.offset)
+        del header
+        if fortran or dtype.hasobject or not shape:
+            raise ValueError("only C-ordered numeric arrays are streamed")
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        index = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        with open(self.path, "rb") as f:
+            start = 0
+            while start < len(index):  # one read per run of consecutive rows
+                stop = start + 1
+                while stop < len(index) and index[stop] == index[stop - 1] + 1:
+                    stop += 1
+                f.seek(self.offset + int(index[start]) * self.row_bytes)
+                out[start:stop] = np.frombuffer(f.read((stop - start) * self.row_bytes), self.dtype).reshape(
+                    stop - start, *self.shape[1:])
+                start = stop
+        return out
+
+
+def stream_arrays(images: NpyRows, name: str, options: DataOptions) -> StreamedImages:
+    """:func:`from_arrays` over the rows of an ``.npy`` file, streamed: the value range is decided over every row
+    in one streamed pass (as the in-memory load decides it), rows are converted when asked for."""
+    if images.ndim not in (3, 4):
+        raise ProjidxError(f"data {name}: images must be (N,H,W), (N,C,H,W) or (N,H,W,C), got shape {images.shape}")
+    if len(images) == 0:
+        raise ProjidxError(f"data {name}: the dataset is empty")
+    reading = options
+    if not (images.dtype == np.uint8 and options.value_range in ("auto", "0,255")):
+        bounds = [value_bounds(images[a : a + STREAM_ROWS], name, a) for a in range(0, len(images), STREAM_ROWS)]
+        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        reading = replace(options, value_range=resolve_value_range(lo, hi, options.value_range, name))
+
+    def read(rows: np.ndarray) -> torch.Tensor:
+        return from_arrays(np.asarray(images[rows]), None, name=name, options=reading).images
+
+    return StreamedImages(name, torch.arange(len(images), dtype=torch.int64), read, options=options)
 
 
 def from_arrays(images: np.ndarray, ids: np.ndarray | None = None, name: str = "arrays",

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from projidx.checkpoints import CheckpointSet, check_blob
-from projidx.data import ImageSet
+from projidx.data import Dataset, ImageSet
 from projidx.diffusion import (
     QUERY_NOISE,
     TRAIN_NOISE,
@@ -116,7 +116,7 @@ def gradient_computer(
         raise ProjidxError(str(e)) from e
 
 
-def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
+def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
     grid = timestep_grid(config.timesteps, ckpts.schedule.T, config.grid) if config.train_timesteps == "grid" else []
     conditioning = model_conditioning(ckpts.model)
     return StoreMeta(
@@ -161,7 +161,7 @@ def open_or_create(path: Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore
 
 def featurize(
     ckpts: CheckpointSet,
-    data: ImageSet,
+    data: Dataset,
     store_path: str | Path,
     config: FeaturizeConfig = FeaturizeConfig(),
     progress: bool = True,
@@ -247,7 +247,7 @@ def check_memory(spec: ProjectorSpec, config: FeaturizeConfig, gradients_per_sam
 
 def _featurize_locked(
     ckpts: CheckpointSet,
-    data: ImageSet,
+    data: Dataset,
     store_path: Path,
     config: FeaturizeConfig,
     meta: StoreMeta,

@@ -86,7 +86,8 @@ def self_influence_report(
     out.mkdir(parents=True, exist_ok=True)
     viz.score_histogram(out / "self_influence.png", scores, "self-influence per training sample")
     top = {m: np.argsort(-s)[:12] for m, s in scores.items()}
-    viz.image_rows(out / "self_influence_top.png", {m: train.images[rows].numpy() for m, rows in top.items()},
+    pictures = {m: train.subset(np.asarray(rows)).images.numpy() for m, rows in top.items()}
+    viz.image_rows(out / "self_influence_top.png", pictures,
                    {m: [f"{_label(train, r)}\n{scores[m][r]:.3g}" for r in rows] for m, rows in top.items()},
                    "highest self-influence (outlier candidates), per method")
     report = {

@@ -111,3 +111,93 @@ def test_hugging_face_datasets_from_disk_and_parquet(tmp_path):
         np.testing.assert_allclose(data.images.numpy(), pixels.transpose(0, 3, 1, 2) / 255 * 2 - 1, atol=1e-6)
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
     assert len(load_dataset(str(tmp_path / "dd"), DataOptions(image_column="picture"))) == 6
+
+
+def _same_rows(streamed, loaded, conditioning=()):
+    """A streamed dataset reads exactly the in-memory one: every row, any subset, the fingerprint."""
+    from projidx.data import StreamedImages
+
+    assert isinstance(streamed, StreamedImages) and len(streamed) == len(loaded)
+    assert streamed.image_shape == loaded.image_shape and streamed.names == loaded.names
+    assert streamed.ids.tolist() == loaded.ids.tolist()
+    assert (streamed.labels is None) == (loaded.labels is None)
+    if loaded.labels is not None:
+        assert streamed.labels.tolist() == loaded.labels.tolist()
+    whole = streamed.subset(slice(None))
+    assert whole.images.dtype == loaded.images.dtype and bool((whole.images == loaded.images).all())
+    rows = np.array([len(loaded) - 1, 0, len(loaded) // 2])
+    part = streamed.subset(rows)
+    assert bool((part.images == loaded.images[rows]).all()) and part.ids.tolist() == loaded.ids[rows].tolist()
+    assert streamed.fingerprint(conditioning) == loaded.fingerprint(conditioning)
+
+
+def test_streamed_datasets_equal_the_in_memory_loads(tmp_path, monkeypatch):
+    """.npy (memory-mapped, float auto range decided over every row, chunks smaller than the data), image folders
+    (colour decided from the headers of every file, mixed sizes resized), class folders and Hugging Face image
+    columns: the same rows bit for bit and the same fingerprint as the in-memory load."""
+    from PIL import Image
+
+    import projidx.data as data_module
+    from projidx.data import DataOptions
+
+    monkeypatch.setattr(data_module, "STREAM_ROWS", 3)  # several chunks in every streamed pass
+    rng = np.random.default_rng(3)
+    floats = rng.uniform(-1, 1, (10, 9, 9)).astype(np.float32)
+    floats[7, 0, 0] = -1.0
+    np.save(tmp_path / "f.npy", floats)
+    _same_rows(load_dataset(str(tmp_path / "f.npy"), stream=True), load_dataset(str(tmp_path / "f.npy")))
+    unit = (floats + 1) / 2
+    np.save(tmp_path / "u.npy", unit)
+    with pytest.raises(ProjidxError, match="look like \\[0, 1\\]"):  # decided over all rows, not the first chunk
+        load_dataset(str(tmp_path / "u.npy"), stream=True)
+    unit[8, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", unit)
+    with pytest.raises(ProjidxError, match="image 8 contains NaN"):  # the row, not its place in the chunk
+        load_dataset(str(tmp_path / "nan.npy"), DataOptions(value_range="0,1"), stream=True)
+    options = DataOptions(resize=(12, 12))
+    np.save(tmp_path / "c.npy", rng.integers(0, 256, (7, 10, 10, 3), dtype=np.uint8))
+    _same_rows(load_dataset(str(tmp_path / "c.npy"), options, stream=True),
+               load_dataset(str(tmp_path / "c.npy"), options))
+    # a folder of mostly gray images with one colour image at the end, in two sizes
+    folder = _png_folder(tmp_path / "mixed", rng.integers(0, 256, (6, 10, 10), dtype=np.uint8), "L")
+    Image.fromarray(rng.integers(0, 256, (14, 11, 3), dtype=np.uint8)).save(folder / "zz_color.png")
+    with pytest.raises(ProjidxError, match="different sizes"):
+        load_dataset(str(folder), stream=True)
+    _same_rows(load_dataset(str(folder), options, stream=True), load_dataset(str(folder), options))
+    _png_folder(tmp_path / "classes" / "a", rng.integers(0, 256, (2, 8, 8), dtype=np.uint8), "L")
+    _png_folder(tmp_path / "classes" / "b", rng.integers(0, 256, (4, 8, 8), dtype=np.uint8), "L")
+    _same_rows(load_dataset(str(tmp_path / "classes"), stream=True), load_dataset(str(tmp_path / "classes")),
+               conditioning=("class_labels",))
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need projidx[hf]")
+    pictures = [Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)) for _ in range(5)]
+    pictures.append(Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)))
+    ds = datasets.Dataset.from_dict({"image": pictures, "label": [0, 1, 0, 1, 0, 1]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    _same_rows(load_dataset(str(tmp_path / "hf"), stream=True), load_dataset(str(tmp_path / "hf")))
+
+
+def test_featurize_on_streamed_data_writes_the_in_memory_store(tmp_path, tiny_ckpts, tiny_data, monkeypatch):
+    """A store featurized from a memory-mapped .npy equals, array by array, the store from the same rows in
+    memory; the streamed data is never converted whole (rows are read per chunk)."""
+    import zarr
+
+    import projidx.data as data_module
+    from projidx.featurization import FeaturizeConfig, featurize
+
+    pixels = ((tiny_data.images.numpy() + 1) * 127.5).round().astype(np.uint8)
+    np.save(tmp_path / "d.npy", pixels)
+    loaded = load_dataset(str(tmp_path / "d.npy"))
+    monkeypatch.setattr(data_module, "STREAM_ROWS", 16)
+    streamed = load_dataset(str(tmp_path / "d.npy"), stream=True)
+    largest = []
+    read = streamed._read
+    streamed._read = lambda rows: (largest.append(len(rows)), read(rows))[1]
+    config = FeaturizeConfig(proj_dim=32, timesteps=2, chunk_rows=8)
+    featurize(tiny_ckpts, loaded, tmp_path / "a.zarr", config, progress=False)
+    featurize(tiny_ckpts, streamed, tmp_path / "b.zarr", config, progress=False)
+    assert max(largest) <= 16 < len(streamed)
+    a, b = zarr.open_group(str(tmp_path / "a.zarr"), mode="r"), zarr.open_group(str(tmp_path / "b.zarr"), mode="r")
+    names = [f"{kind}/{cid}" for kind in ("features", "norms", "mean_norms", "timesteps", "done")
+             for cid in ("ckpt-000", "ckpt-001")] + ["ids"]
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=name)
