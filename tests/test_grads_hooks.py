@@ -90,8 +90,8 @@ def test_store_from_hooks_equals_the_store_from_vmap(tmp_path, tiny_ckpts, tiny_
     config = FeaturizeConfig(proj_dim=64, timesteps=3, dtype="float32", batch_size=6, chunk_rows=4)
     hooks = featurize(tiny_ckpts, data, tmp_path / "hooks.zarr", config, progress=False)
     monkeypatch.setattr(featurization_module, "gradient_computer",
-                        lambda model, schedule, loss, spec, device, objective: GradientComputer(
-                            model, schedule, loss, device, objective))
+                        lambda model, schedule, loss, spec, device, objective, prediction: GradientComputer(
+                            model, schedule, loss, device, objective, prediction))
     vmap = featurize(tiny_ckpts, data, tmp_path / "vmap.zarr", config, progress=False)
     assert hooks.meta.to_dict() == vmap.meta.to_dict()
     for cid in hooks.meta.checkpoint_ids:
