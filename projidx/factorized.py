@@ -10,11 +10,18 @@ a sample's rows never mix with another's (GroupNorm, never BatchNorm; the model 
 
 :class:`~projidx.projection.FactorizedProjector` then projects G as P_o G P_i^T =
 sum_p (P_o o_p)(P_i i_p)^T without forming G. The exact norm ||G||_F^2 (ReTrac divides by the exact
-full-gradient norm) is sum_{p,q} (o_p . o_q)(i_p . i_q) (Gram trick), costing B P^2 (d_in + d_out);
-where P is large enough that this exceeds B P d_in d_out (e.g. 3x3 convolutions at 32x32), G of that
-one layer is formed transiently for its norm instead (one layer and one batch at a time, never kept).
-GroupNorm / LayerNorm affine parameters and biases get exact small per-sample gradients from the same
-captures (sum_p o_p * xhat_p and sum_p o_p) and go through sparse JL.
+full-gradient norm) is sum_{p,q} (o_p . o_q)(i_p . i_q) (Gram trick), costing B P^2 (d_in + d_out).
+Where P is large and channels are few (3x3 convolutions at 28x28 or 32x32) forming G per sample is
+cheaper than both, and gives the norm for free: :func:`factors_are_cheaper` compares the multiply-adds of
+the two paths per layer, and the cheaper one is taken (one layer and one batch at a time; a per-sample
+weight gradient is never kept beyond its layer). Both paths give the same projection and norms, up to
+float rounding, so the choice never changes a store. GroupNorm / LayerNorm affine parameters and biases get
+exact small per-sample gradients from the same captures (sum_p o_p * xhat_p and sum_p o_p) and go through
+sparse JL.
+
+The same capture gives every parameter's exact per-sample gradient (:meth:`Capture.gradient`: for a
+Conv2d weight, one weight-gradient convolution per sample), which any other projector kind projects as it
+would torch.func's gradients: cheaper than ``vmap(grad)`` on CPU (docs/performance.md).
 
 Supported layers: nn.Linear, nn.Conv2d (groups=1, zero padding), nn.GroupNorm, nn.LayerNorm. A model
 with trainable parameters in any other layer is refused (use another projector kind).
@@ -22,17 +29,18 @@ with trainable parameters in any other layer is refused (use another projector k
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from projidx.diffusion import NoiseSchedule, per_sample_loss, prediction_target, q_sample
+from projidx.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
 from projidx.errors import ProjidxError
-from projidx.grads import trainable_parameters
-from projidx.projection import FactorizedProjector
+from projidx.grads import Conditioning, GradientComputer, Grads, Projected, trainable_parameters
+from projidx.projection import FactorizedProjector, Projector, kronecker_cost
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -52,15 +60,40 @@ class LayerFactors:
         return self.outgrads.transpose(1, 2) @ self.inputs
 
 
+def _gram_is_cheaper(positions: int, d_in: int, d_out: int) -> bool:
+    """Whether the Gram trick (P^2 (d_in + d_out) multiply-adds) costs no more than forming G (P d_in d_out)."""
+    return positions * (d_in + d_out) <= d_in * d_out
+
+
+def norm_cost(positions: int, d_in: int, d_out: int) -> int:
+    """Multiply-adds of :func:`layer_sq_norms` for one sample of P positions."""
+    return positions * min(positions * (d_in + d_out), d_in * d_out)
+
+
+def factors_are_cheaper(positions: int, d_in: int, d_out: int, k_o: int, k_i: int, groups: int = 1) -> bool:
+    """Whether a layer's factorized projection with exact norms costs fewer multiply-adds per sample from its
+    factors than from its per-sample gradient G (d_out, d_in) formed over P ``positions``.
+
+    From the factors: P (d_in k_i + d_out k_o + k_o k_i) for P_i i_p, P_o o_p and the sum of their outer
+    products, plus the norm (:func:`norm_cost`), plus with ``groups`` g > 1 the norm of the mean over a group of
+    g gradients (g P positions, per sample: 1/g of its cost). From G: P d_in d_out to form it, then
+    :func:`~projidx.projection.kronecker_cost`; its norms cost O(d_in d_out), left out.
+    """
+    factors = positions * (d_in * k_i + d_out * k_o + k_o * k_i) + norm_cost(positions, d_in, d_out)
+    if groups > 1:
+        factors += norm_cost(groups * positions, d_in, d_out) // groups
+    return factors < positions * d_in * d_out + kronecker_cost(d_out, d_in, k_o, k_i)
+
+
 def layer_sq_norms(outgrads: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """(B,) ||sum_p o_p i_p^T||_F^2 for outgrads (B, P, d_out), inputs (B, P, d_in).
 
-    Gram trick sum_{p,q} (o_p . o_q)(i_p . i_q) when P (d_in + d_out) <= d_in d_out, else the layer's
-    gradient is formed transiently (the cheaper of the two; both exact).
+    Gram trick sum_{p,q} (o_p . o_q)(i_p . i_q) where it is cheaper, else the layer's gradient is formed
+    transiently (both exact).
     """
     _, positions, d_out = outgrads.shape
     d_in = inputs.shape[2]
-    if positions * (d_in + d_out) <= d_in * d_out:
+    if _gram_is_cheaper(positions, d_in, d_out):
         gram_o = outgrads @ outgrads.transpose(1, 2)
         gram_i = inputs @ inputs.transpose(1, 2)
         return (gram_o * gram_i).sum(dim=(1, 2))
@@ -119,6 +152,15 @@ class Capture:
             return o.flatten(2).transpose(1, 2), cols.transpose(1, 2)
         return o.reshape(o.shape[0], -1, o.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
 
+    def positions(self, module: str) -> int:
+        """P: a Linear/Conv2d weight's positions per sample, over its draws and every call of the module."""
+        total = 0
+        for call in self.calls[module]:
+            o = call.outgrad
+            spatial = o.shape[2:] if isinstance(call.module, nn.Conv2d) else o.shape[1:-1]
+            total += self.draws * math.prod(spatial)
+        return total
+
     def weight_factors(self, module: str) -> LayerFactors:
         """The factors of a Linear/Conv2d weight, all calls of the module concatenated along positions."""
         pairs = [self._positions(c) for c in self.calls[module]]
@@ -127,6 +169,22 @@ class Capture:
         outgrads = torch.cat([self._per_sample(o) for o, _ in pairs], dim=1)
         inputs = torch.cat([self._per_sample(i) for _, i in pairs], dim=1)
         return LayerFactors(outgrads, inputs)
+
+    def weight_grad(self, module: str) -> torch.Tensor:
+        """(B, *weight shape) exact per-sample gradient of a Linear/Conv2d weight, summed over its calls.
+
+        A Conv2d's comes from weight-gradient convolutions (:func:`conv_weight_grads`), the kernels the batched
+        backward pass uses, with no unfolded input; a Linear's is a batched product o^T i.
+        """
+        total = None
+        for call in self.calls[module]:
+            if isinstance(call.module, nn.Conv2d):
+                g = conv_weight_grads(call.module, call.input, call.outgrad, self.batch)
+            else:
+                o, i = self._positions(call)
+                g = self._per_sample(o).transpose(1, 2) @ self._per_sample(i)
+            total = g if total is None else total + g
+        return total
 
     def small_grad(self, module: str, param: str) -> torch.Tensor:
         """(B, *shape) exact per-sample gradient of a bias or normalization parameter."""
@@ -137,14 +195,42 @@ class Capture:
             total = g if total is None else total + g
         return total
 
-    def items(self, names: list[str]) -> Iterator[tuple[str, LayerFactors | torch.Tensor]]:
-        """(parameter name, factors or per-sample gradient) for each name, computed lazily in that order."""
-        for full in names:
-            module, _, param = full.rpartition(".")
-            if param == "weight" and isinstance(self.calls[module][0].module, (nn.Linear, nn.Conv2d)):
-                yield full, self.weight_factors(module)
-            else:
-                yield full, self.small_grad(module, param)
+    def is_weight(self, name: str) -> bool:
+        """Whether parameter ``name`` is a Linear/Conv2d weight (it has factors)."""
+        module, _, param = name.rpartition(".")
+        return param == "weight" and isinstance(self.calls[module][0].module, (nn.Linear, nn.Conv2d))
+
+    def gradient(self, name: str) -> torch.Tensor:
+        """(B, *shape) exact per-sample gradient of parameter ``name``."""
+        module, _, param = name.rpartition(".")
+        return self.weight_grad(module) if self.is_weight(name) else self.small_grad(module, param)
+
+
+GROUPED_MAX_CHANNELS = 128  # conv_weight_grads: one grouped convolution up to this many channels, else a loop
+
+
+def conv_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, C_out, C_in, kh, kw) per-sample weight gradients of a Conv2d from inputs (B*R, C_in, H, W) and output
+    gradients (B*R, C_out, H', W'), rows b*R .. b*R+R-1 being sample b's draws (summed).
+
+    With few channels each (2 .. GROUPED_MAX_CHANNELS in and out) one grouped convolution with the samples as
+    groups, else one convolution per sample: whichever was faster on CPU (oneDNN; docs/performance.md). A
+    function of the shapes only, so a result never depends on timing; both are exact.
+    """
+    c_in, c_out = inputs.shape[1], outgrads.shape[1]
+    draws = inputs.shape[0] // batch
+    args = (module.stride, module.padding, module.dilation)
+    if min(c_in, c_out) >= 2 and max(c_in, c_out) <= GROUPED_MAX_CHANNELS:
+        def by_sample(x: torch.Tensor) -> torch.Tensor:  # (B*R, C, H, W) -> (R, B*C, H, W)
+            return x.reshape(batch, draws, *x.shape[1:]).transpose(0, 1).reshape(draws, -1, *x.shape[2:])
+
+        shape = (batch * c_out, *module.weight.shape[1:])
+        g = torch.nn.grad.conv2d_weight(by_sample(inputs), shape, by_sample(outgrads), *args, groups=batch)
+        return g.reshape(batch, *module.weight.shape)
+    return torch.stack([
+        torch.nn.grad.conv2d_weight(inputs[b * draws:(b + 1) * draws], module.weight.shape,
+                                    outgrads[b * draws:(b + 1) * draws], *args)
+        for b in range(batch)])
 
 
 def _small_grad(call: _Call, param: str) -> torch.Tensor:
@@ -166,35 +252,75 @@ def _small_grad(call: _Call, param: str) -> torch.Tensor:
     return (o * F.layer_norm(x, m.normalized_shape, eps=m.eps)).sum(dim=lead)
 
 
-class FactorizedGradients:
-    """Per-sample layer factors of the diffusion loss from one batched forward and backward pass.
+class CaptureError(ProjidxError):
+    """The model's forward pass cannot be taken apart by layer hooks (a supported layer not called, or called on
+    an input without the batch in dimension 0)."""
 
-    Same interface as :class:`~projidx.grads.GradientComputer` (``load_state_dict``), but :meth:`capture`
-    returns factors instead of gradients.
+
+class FactorizedGradients:
+    """Per-sample layer factors of the attributed function from one batched forward and backward pass.
+
+    A :class:`~projidx.grads.GradientSource` like :class:`~projidx.grads.GradientComputer` (the same gradients,
+    up to float rounding) for models whose trainable layers are all supported; :meth:`capture` returns the
+    factors themselves. With ``fallback``, a model whose forward pass the hooks cannot take apart
+    (:class:`CaptureError`) has this and every later batch computed by torch.func instead (for projectors that
+    need no factors); without it the error is raised.
     """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, loss: str, device: str | torch.device = "cpu",
-                 prediction: str = "epsilon"):
+                 objective: str = "loss", prediction: str = "epsilon", fallback: bool = False):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        self.schedule = schedule
         self.loss = loss
+        self.objective = objective
         self.prediction = prediction
         self.abar = schedule.alphas_cumprod().to(self.device, torch.float32)
         self.modules = factorizable_modules(self.model)
         self.names = list(trainable_parameters(self.model))
+        self.fallback = fallback
+        self.vmap: GradientComputer | None = None  # the torch.func source, once a capture has failed
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a checkpoint's weights (strict: every key must match the model)."""
-        self.model.load_state_dict(state_dict, strict=True)
+        if self.vmap is not None:
+            self.vmap.load_state_dict(state_dict)
+        else:
+            self.model.load_state_dict(state_dict, strict=True)
 
-    def project(self, projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, groups: int = 1,
-                conditioning: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`projidx.grads.GradientSource.project` through layer factors: no weight gradient is formed."""
-        return project_capture(projector, self.capture(x0, t, eps, conditioning), self.names, groups)
+    def _capture_or_fallback(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                             conditioning: Conditioning | None) -> Capture | None:
+        """A capture, or None once the torch.func source has taken over (``fallback``)."""
+        if self.vmap is None:
+            try:
+                return self.capture(x0, t, eps, conditioning)
+            except CaptureError:
+                if not self.fallback:
+                    raise
+                self.vmap = GradientComputer(self.model, self.schedule, self.loss, self.device, self.objective,
+                                             self.prediction)
+        return None
+
+    def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                groups: int = 1, conditioning: Conditioning | None = None) -> Projected:
+        """:meth:`projidx.grads.GradientSource.project` from one capture (:func:`project_capture`)."""
+        capture = self._capture_or_fallback(x0, t, eps, conditioning)
+        if capture is None:
+            return self.vmap.project(projector, x0, t, eps, groups, conditioning)  # type: ignore[union-attr]
+        return project_capture(projector, capture, self.names, groups)
+
+    def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   conditioning: Conditioning | None = None) -> Grads:
+        """{name: (B, *shape)} every per-sample gradient, as :meth:`projidx.grads.GradientComputer.per_sample`."""
+        capture = self._capture_or_fallback(x0, t, eps, conditioning)
+        if capture is None:
+            return self.vmap.per_sample(x0, t, eps, conditioning)  # type: ignore[union-attr]
+        return {name: capture.gradient(name) for name in sorted(self.names)}
 
     def capture(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                conditioning: dict[str, torch.Tensor] | None = None) -> Capture:
-        """Factors of the per-sample gradients of mean_r L(x0_b, t_b, eps_b,r).
+                conditioning: Conditioning | None = None) -> Capture:
+        """Factors of the per-sample gradients of mean_r f(x0_b, t_b, eps_b,r), f the attributed function
+        (:func:`~projidx.diffusion.attribution_output`).
 
         x0: (B, C, H, W); t: (B,) int64; eps: (B, R, C, H, W); conditioning: {name: (B, ...)} model inputs.
         """
@@ -215,7 +341,8 @@ class FactorizedGradients:
             with torch.enable_grad():
                 pred = self.model(q_sample(xs, ts, flat_eps, self.abar), ts, **cond)
                 target = prediction_target(xs, ts, flat_eps, self.abar, self.prediction)
-                total = per_sample_loss(pred, target, self.loss).reshape(batch, draws).mean(dim=1).sum()
+                f = attribution_output(pred, target, self.loss, self.objective)
+                total = f.reshape(batch, draws).mean(dim=1).sum()
                 flat = [c for name in self.modules for c in calls[name]]
                 grads = torch.autograd.grad(total, [c.output for c in flat], allow_unused=True)
         finally:
@@ -225,36 +352,47 @@ class FactorizedGradients:
             call.outgrad = torch.zeros_like(call.output) if g is None else g.detach()
             call.output = None  # type: ignore[assignment]
             if call.input.shape[0] != batch * draws:
-                raise ProjidxError("factorized projector: a layer's input does not carry the batch in dimension 0;"
+                raise CaptureError("factorized projector: a layer's input does not carry the batch in dimension 0;"
                                    " use --projector sjlt for this model")
         missing = [n for n, c in calls.items() if not c]
         if missing:
-            raise ProjidxError(f"factorized projector: layer {missing[0]!r} was not called in the forward pass;"
+            raise CaptureError(f"factorized projector: layer {missing[0]!r} was not called in the forward pass;"
                                " use --projector sjlt for this model")
         return Capture(calls, batch, draws)
 
 
-def project_capture(
-    projector: FactorizedProjector, capture: Capture, names: list[str], groups: int = 1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_capture(projector: Projector, capture: Capture, names: list[str], groups: int = 1) -> Projected:
     """(B, k) P g, (B,) exact ||g||^2 and (B/groups,) exact ||mean over groups g||^2 from a capture.
 
     Rows b*groups .. (b+1)*groups-1 are one sample's gradients on a timestep grid. Parameters are
-    visited in sorted-name order, so the result does not depend on the model's layer order.
+    visited in sorted-name order, so the result does not depend on the model's layer order. A
+    :class:`FactorizedProjector` projects each weight from its factors or from its per-sample gradient,
+    whichever :func:`factors_are_cheaper` says; every other parameter, and every parameter under any other
+    projector, is projected from its per-sample gradient (formed one parameter at a time).
     """
     batch, k = capture.batch, projector.spec.proj_dim
     device = projector.device
     out = torch.zeros(batch, k, dtype=torch.float32, device=device)
     sq = torch.zeros(batch, dtype=torch.float32, device=device)
     mean_sq = torch.zeros(batch // groups, dtype=torch.float32, device=device)
-    for name, item in capture.items(sorted(names)):
-        if isinstance(item, LayerFactors):
-            o, i = item.outgrads.to(device, torch.float32), item.inputs.to(device, torch.float32)
+    for name in sorted(names):
+        if isinstance(projector, FactorizedProjector) and capture.is_weight(name) and _use_factors(
+                projector, capture, name, groups):
+            factors = capture.weight_factors(name.rpartition(".")[0])
+            o, i = factors.outgrads.to(device, torch.float32), factors.inputs.to(device, torch.float32)
             projector.project_factors(out, name, o, i)
             sq += layer_sq_norms(o, i)
             if groups > 1:
                 shape_o, shape_i = (batch // groups, -1, o.shape[-1]), (batch // groups, -1, i.shape[-1])
                 mean_sq += layer_sq_norms(o.reshape(shape_o) / groups, i.reshape(shape_i))
         else:
-            projector.add_parameter(out, sq, mean_sq, name, item.reshape(batch, -1), groups)
+            projector.add_parameter(out, sq, mean_sq, name, capture.gradient(name).reshape(batch, -1), groups)
     return out, sq, (sq if groups == 1 else mean_sq)
+
+
+def _use_factors(projector: FactorizedProjector, capture: Capture, name: str, groups: int) -> bool:
+    """The cost model's choice for weight ``name`` (:func:`factors_are_cheaper`)."""
+    shape = projector.spec.param_shapes[name]
+    d_out, d_in = shape[0], math.prod(shape[1:])
+    positions = capture.positions(name.rpartition(".")[0])
+    return factors_are_cheaper(positions, d_in, d_out, projector.k_o, projector.k_i, groups)

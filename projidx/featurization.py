@@ -105,15 +105,20 @@ def gradient_computer(
     model: torch.nn.Module, schedule: NoiseSchedule, loss: str, spec: ProjectorSpec, device: str,
     objective: str = "loss", prediction: str = "epsilon",
 ) -> GradientSource:
-    """The per-sample gradient source for ``spec``: layer factors (factorized) or torch.func gradients."""
-    if spec.kind != "factorized":
-        return GradientComputer(model, schedule, loss, device, objective, prediction)
-    if objective != "loss":
+    """The per-sample gradient source for ``spec``: layer inputs and output gradients from one batched forward and
+    backward pass (:class:`FactorizedGradients`) where every trainable layer is one it supports, the same gradients
+    as torch.func's up to float rounding but faster (docs/performance.md); else torch.func (:class:`GradientComputer`,
+    any model; also where the hooks cannot take a model's forward pass apart). The factorized projector needs the
+    former."""
+    if spec.kind == "factorized" and objective != "loss":
         raise ProjidxError(f"the factorized projector supports the loss objective only, not {objective!r}")
     try:
-        return FactorizedGradients(model, schedule, loss, device, prediction)
+        return FactorizedGradients(model, schedule, loss, device, objective, prediction,
+                                   fallback=spec.kind != "factorized")
     except ValueError as e:
-        raise ProjidxError(str(e)) from e
+        if spec.kind == "factorized":
+            raise ProjidxError(str(e)) from e
+        return GradientComputer(model, schedule, loss, device, objective, prediction)
 
 
 def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
@@ -374,9 +379,9 @@ def _project_samples(
     if stop - start <= per_batch:
         x0, t, eps, cond = inputs(start, stop)
         return computer.project(projector, x0, t, eps, groups=g, conditioning=cond)
-    # a projector that wants more rows per call than one gradient batch (dense) takes full per-sample gradients,
-    # which only the torch.func source forms (the factorized projector never asks for more rows)
-    parts = [computer.per_sample(*inputs(a, min(a + per_batch, stop))) for a in range(start, stop, per_batch)]  # type: ignore[attr-defined]
+    # a projector that wants more rows per call than one gradient batch (dense) takes full per-sample gradients
+    # (the factorized projector never asks for more rows)
+    parts = [computer.per_sample(*inputs(a, min(a + per_batch, stop))) for a in range(start, stop, per_batch)]
     grads = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     del parts
     return projector.project_with_norms(grads, g)

@@ -27,8 +27,9 @@ Conditioning = dict[str, torch.Tensor]  # model inputs besides (x_t, t), batch f
 
 
 class GradientSource(Protocol):
-    """What featurization needs of a per-sample gradient source (:class:`GradientComputer`, or the factorized
-    path's ``FactorizedGradients``): a checkpoint's weights in; projected gradients with exact norms out."""
+    """What featurization needs of a per-sample gradient source (:class:`GradientComputer` for any model, or
+    ``projidx.factorized.FactorizedGradients`` from one batched pass where every trainable layer is supported):
+    a checkpoint's weights in; projected gradients with exact norms out."""
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
 
@@ -36,6 +37,11 @@ class GradientSource(Protocol):
                 groups: int = 1, conditioning: Conditioning | None = None) -> Projected:
         """(B, k) P g, (B,) ||g||^2 and (B/groups,) ||mean over groups g||^2 of B per-sample gradients; x0 (B, C,
         H, W), t (B,), eps (B, R, C, H, W), conditioning {name: (B, ...)}."""
+        ...
+
+    def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   conditioning: Conditioning | None = None) -> Grads:
+        """{name: (B, *shape)} the per-sample gradients themselves (for projectors that batch many gradients)."""
         ...
 
 

@@ -7,11 +7,18 @@ import pytest
 import torch
 from torch import nn
 
+from projidx import factorized
 from projidx.diffusion import NoiseSchedule
-from projidx.factorized import FactorizedGradients, LayerFactors, layer_sq_norms, project_capture
+from projidx.factorized import (
+    FactorizedGradients,
+    LayerFactors,
+    factors_are_cheaper,
+    layer_sq_norms,
+    project_capture,
+)
 from projidx.featurization import FeaturizeConfig, featurize, resolve_projector
 from projidx.grads import GradientComputer, parameter_shapes
-from projidx.projection import ProjectorSpec, make_projector
+from projidx.projection import ProjectorSpec, kronecker_dims, make_projector
 
 
 class TinyEps(nn.Module):
@@ -81,9 +88,11 @@ def test_captured_factors_equal_torch_func_gradients(loss):
     ref = proj.project_with_norms(grads, groups=3)
     fg = FactorizedGradients(model, NoiseSchedule(), loss)
     capture = fg.capture(x0, t, eps)
-    for name, item in capture.items(sorted(fg.names)):
-        whole = item.materialize() if isinstance(item, LayerFactors) else item
-        torch.testing.assert_close(whole.reshape(grads[name].shape), grads[name], rtol=1e-4, atol=1e-6)
+    for name in fg.names:
+        if capture.is_weight(name):  # the factors, and the per-sample gradient formed from the capture
+            whole = capture.weight_factors(name.rpartition(".")[0]).materialize()
+            torch.testing.assert_close(whole.reshape(grads[name].shape), grads[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(capture.gradient(name), grads[name], rtol=1e-4, atol=1e-6)
     got = project_capture(proj, capture, fg.names, groups=3)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -93,6 +102,32 @@ def test_captured_factors_equal_torch_func_gradients(loss):
     # a sample's result does not depend on the rest of its batch
     one = project_capture(proj, fg.capture(x0[2:3], t[2:3], eps[2:3]), fg.names)
     torch.testing.assert_close(one[0], got[0][2:3], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", [True, False], ids=["factors", "gradient"])
+def test_both_paths_of_the_cost_model_give_the_reference_projection(monkeypatch, path):
+    """Every weight from its factors, or every weight from its per-sample gradient: the same projection and exact
+    norms as projecting vmap gradients (so the cost model's choice never changes a store)."""
+    torch.manual_seed(0)
+    model = TinyEps()
+    x0, t, eps = _batch()
+    proj = make_projector(ProjectorSpec("factorized", 64, parameter_shapes(model), seed=5, sparsity=2))
+    ref = proj.project_with_norms(GradientComputer(model, NoiseSchedule(), "mse").per_sample(x0, t, eps), groups=3)
+    monkeypatch.setattr(factorized, "factors_are_cheaper", lambda *args: path)
+    fg = FactorizedGradients(model, NoiseSchedule(), "mse")
+    for a, b in zip(project_capture(proj, fg.capture(x0, t, eps), fg.names, groups=3), ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cost_model_forms_the_gradient_where_positions_are_many_and_channels_few():
+    k_o, k_i = kronecker_dims(2048)
+    # a 3x3 convolution 32 -> 32 channels at 28x28 (the default SmallUNet's first level): forming G is cheaper
+    assert not factors_are_cheaper(28 * 28, 32 * 9, 32, k_o, k_i)
+    # a Linear applied once per sample (the timestep MLP): factors; and a 3x3 conv at 4x4 with 272 channels
+    assert factors_are_cheaper(1, 136, 272, k_o, k_i)
+    assert factors_are_cheaper(16, 272 * 9, 272, k_o, k_i)
+    # a grid of g timesteps makes the Gram norm of the mean g^2 times dearer: the gradient path takes over
+    assert factors_are_cheaper(49, 64 * 9, 64, k_o, k_i) and not factors_are_cheaper(49, 64 * 9, 64, k_o, k_i, 10)
 
 
 def test_unsupported_layers_are_refused():

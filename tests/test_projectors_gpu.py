@@ -7,7 +7,7 @@ import torch
 
 from projidx.diffusion import NoiseSchedule
 from projidx.factorized import FactorizedGradients, project_capture
-from projidx.grads import parameter_shapes
+from projidx.grads import GradientComputer, parameter_shapes
 from projidx.projection import KINDS, ProjectorSpec, make_projector
 from projidx.unet import SmallUNet, UNetConfig
 
@@ -40,3 +40,19 @@ def test_cpu_and_gpu_factorized_featurization_agree():
         results.append([r.cpu() for r in got])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+def test_hooks_on_the_gpu_equal_vmap_on_the_cpu():
+    """The default gradient source (layer hooks, one batched pass) on CUDA gives the CPU torch.func projection."""
+    torch.manual_seed(0)
+    model = SmallUNet(UNetConfig(channels=3, base=8, mults=(1, 2), time_dim=16, groups=4))
+    spec = ProjectorSpec("sjlt", 256, parameter_shapes(model), seed=1)
+    gen = torch.Generator().manual_seed(0)
+    x0, t = torch.randn(4, 3, 12, 12, generator=gen), torch.tensor([1, 300, 600, 999])
+    eps = torch.randn(4, 2, 3, 12, 12, generator=gen)
+    vmap = GradientComputer(model, NoiseSchedule(), "mse", "cpu")
+    hooks = FactorizedGradients(model, NoiseSchedule(), "mse", "cuda")
+    ref = vmap.project(make_projector(spec, "cpu"), x0, t, eps, groups=2)
+    got = hooks.project(make_projector(spec, "cuda"), x0, t, eps, groups=2)
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-5)
