@@ -26,7 +26,8 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 
 class PeerError(ProjidxError):
-    """Raised on every rank but the one that failed, with that rank's message (the CLI prints it only there)."""
+    """Raised on the other ranks when rank 0's step failed (:meth:`World.on_main`), with its message; rank 0
+    raises the error itself, and the CLI prints the line there only."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from projidx.checkpoints import load_checkpoint_dir
-from projidx.dist import World, world_from_env
+from projidx.dist import TIMEOUT_ENV, World, timeout, world_from_env
 from projidx.errors import ProjidxError
 from projidx.featurization import featurize
 from projidx.settings import FeaturizeConfig
@@ -84,6 +84,9 @@ def test_world_from_env(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ProjidxError, match="RANK=2 and WORLD_SIZE=2"):
         world_from_env()
+    monkeypatch.setenv(TIMEOUT_ENV, "0")
+    with pytest.raises(ProjidxError, match=TIMEOUT_ENV):
+        timeout()
 
 
 def test_killed_rank_is_recovered_by_rerunning_torchrun(tmp_path, run_dir, tiny_ckpt_dir):
