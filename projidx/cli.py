@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from projidx.dist import PeerError, world_from_env
 from projidx.errors import ProjidxError, one_line
 from projidx.settings import (
     GRIDS,
@@ -31,12 +32,16 @@ RESUME_HINT = "re-run the same command to resume (finished work is kept)"
 
 def _fail_cleanly(fn):
     """Turn library errors, OS errors (disk full, file too large, read-only file system, ...), memory exhaustion
-    and Ctrl-C into a one-line message and a non-zero exit status (1; 130 for Ctrl-C)."""
+    and Ctrl-C into a one-line message and a non-zero exit status (1; 130 for Ctrl-C). Under torchrun, a rank
+    stopped by another rank's error exits 1 silently: the failing rank prints the line."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except PeerError:
+            _close_progress_bars()
+            sys.exit(1)
         except ProjidxError as e:
             _close_progress_bars()
             raise click.ClickException(" ".join(str(e).split())) from None
@@ -229,8 +234,12 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
     images = _data(data, value_range, resize, image_column, label_column, stream=True)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
-    click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints ({fs.meta.train_timesteps},"
-               f" {fs.meta.noise} noise) into {store} in {time.perf_counter() - start:.1f}s")
+    world = world_from_env()
+    if world.rank == 0:
+        ranks = f" by {world.size} ranks" if world.size > 1 else ""
+        click.echo(f"featurized {len(images)} samples x {len(ckpts.checkpoints)} checkpoints"
+                   f" ({fs.meta.train_timesteps}, {fs.meta.noise} noise) into {store}{ranks} in"
+                   f" {time.perf_counter() - start:.1f}s")
 
 
 def _recorded_unless_given(store: str, values: dict) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from projidx.diffusion import (
     model_conditioning,
     timestep_grid,
 )
+from projidx.dist import World, process_group
 from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules
 from projidx.features import QueryFeatures
@@ -179,7 +181,29 @@ def featurize(
     array metadata and ids are repaired. One writer at a time (:class:`WriterLock`). ``on_chunk(cid, i)`` is
     called after each chunk is written. In replay mode ``data`` must be the data the checkpoints were trained on
     (the manifest's dataset fingerprint), unless ``allow_other_data`` (then a warning is printed).
+
+    Under ``torchrun`` with W > 1 ranks (:mod:`projidx.dist`) every rank calls this with the same arguments:
+    rank 0 takes the lock and creates or repairs the store, then each rank checks its share of the done chunks
+    and computes its share of the pending ones (whole row-chunks: one writer per chunk object). The store is
+    the one-process run's bit for bit, given the same torch thread count per process (torch's CPU kernels sum
+    in a thread-dependent order); every rank returns it once all have finished.
     """
+    with process_group(config.device) as world:
+        config = replace(config, device=world.device(config.device))
+        return _featurize(world, ckpts, data, store_path, config, progress, on_chunk, allow_other_data)
+
+
+def _featurize(
+    world: World,
+    ckpts: CheckpointSet,
+    data: Dataset,
+    store_path: str | Path,
+    config: FeaturizeConfig,
+    progress: bool,
+    on_chunk: Callable[[str, int], None] | None,
+    allow_other_data: bool,
+) -> FeatureStore:
+    """:func:`featurize` on this rank of ``world``."""
     if data.image_shape != tuple(ckpts.image_shape):
         raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
     data.conditioning(model_conditioning(ckpts.model))  # the model's inputs besides the image are in the data
@@ -204,10 +228,30 @@ def featurize(
         computer.load_state_dict(blobs[0]["state_dict"])
     except RuntimeError as e:
         raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {one_line(e)}") from e
-    check_memory(spec, config, meta.gradients_per_sample)
-    with WriterLock(store_path):
-        return _featurize_locked(ckpts, data, Path(store_path), config, meta, spec, blobs, replays, computer,
-                                 progress, on_chunk)
+    check_memory(spec, config, meta.gradients_per_sample, world.local_size)
+    with ExitStack() as held:  # rank 0 holds the writer lock until every rank has finished
+
+        def create() -> FeatureStore:
+            held.enter_context(WriterLock(store_path))
+            return open_or_create(Path(store_path), meta, data.ids.numpy())
+
+        store = world.on_main(create)
+        if store is None:
+            store = _open_as_peer(Path(store_path), meta, world)
+        _featurize_share(world, store, ckpts, data, config, meta, spec, blobs, replays, computer,
+                         progress and world.rank == 0, on_chunk)
+        world.barrier()
+    return store
+
+
+def _open_as_peer(path: Path, meta: StoreMeta, world: World) -> FeatureStore:
+    """The store rank 0 created or repaired, opened by another rank, which checks it against its own inputs."""
+    store = FeatureStore.open(path, mode="r+")
+    diff = store.meta.difference(meta)
+    if diff is not None:
+        raise ProjidxError(f"rank {world.rank}: store {path} was written with a different {diff} than this rank's"
+                           " inputs; give every rank the same --checkpoints, --data and flags")
+    return store
 
 
 def available_memory() -> int | None:
@@ -236,24 +280,28 @@ def recorded_settings(meta: StoreMeta) -> dict:
     return out
 
 
-def check_memory(spec: ProjectorSpec, config: FeaturizeConfig, gradients_per_sample: int) -> None:
+def check_memory(spec: ProjectorSpec, config: FeaturizeConfig, gradients_per_sample: int, processes: int = 1) -> None:
     """ProjidxError (before anything is written) when one row-chunk's features and one batch of per-sample
-    gradients would not fit in the memory available, naming the flags to lower."""
+    gradients, in each of ``processes`` featurizing processes on this machine, would not fit in the memory
+    available, naming the flags to lower."""
     k, p = spec.proj_dim, spec.input_dim
     chunk = config.chunk_rows * gradients_per_sample * k * (8 + np.dtype(config.dtype).itemsize)
     batch = config.batch_size * (2 * p + 2 * k) * 4
+    need = (chunk + batch) * processes
     available = available_memory()
-    if available is not None and chunk + batch > available:
+    if available is not None and need > available:
+        ranks = f" in each of {processes} ranks on this machine" if processes > 1 else ""
         raise ProjidxError(
             f"--chunk-rows {config.chunk_rows} x --proj-dim {k} x {gradients_per_sample} gradients per sample and"
-            f" --batch-size {config.batch_size} x {p} parameters need about {(chunk + batch) / 2**30:.1f} GiB,"
+            f" --batch-size {config.batch_size} x {p} parameters{ranks} need about {need / 2**30:.1f} GiB,"
             f" {available / 2**30:.1f} GiB is available: lower --chunk-rows, --proj-dim or --batch-size")
 
 
-def _featurize_locked(
+def _featurize_share(
+    world: World,
+    store: FeatureStore,
     ckpts: CheckpointSet,
     data: Dataset,
-    store_path: Path,
     config: FeaturizeConfig,
     meta: StoreMeta,
     spec: ProjectorSpec,
@@ -262,44 +310,52 @@ def _featurize_locked(
     computer: GradientSource,
     progress: bool,
     on_chunk: Callable[[str, int], None] | None,
-) -> FeatureStore:
-    """The writing part of :func:`featurize`, run while holding the store's writer lock."""
-    store = open_or_create(store_path, meta, data.ids.numpy())
+) -> None:
+    """The writing part of :func:`featurize`, run while rank 0 holds the store's writer lock: this rank's
+    share of the done chunks checked, then its share of the pending chunks of every rank computed.
+
+    Units are (checkpoint index, chunk index) in that order; unit j of a list goes to rank j mod W, first of
+    all units (to check them), then of the pending ones (to compute them), so the work stays balanced on resume.
+    """
     projector = make_projector(spec, config.device)
     noise = NoiseDraws(config.noise, config.noise_seed, TRAIN_NOISE, config.train_draws)
-    todo = [(c, i) for c, cid in enumerate(meta.checkpoint_ids) for i in _pending(store, cid)]
-    bar = tqdm(total=len(todo), desc="featurize", unit="chunk", disable=not progress)
-    for c, ckpt in enumerate(ckpts.checkpoints):
-        chunks = [i for cc, i in todo if cc == c]
-        if not chunks:
-            continue
-        computer.load_state_dict(blobs[c]["state_dict"])
-        for i in chunks:
-            rows = store.rows(i)
-            times = replays[c][rows][:, None] if replays is not None else torch.tensor(meta.timesteps).expand(
-                rows.stop - rows.start, -1)
-            chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config.batch_size,
-                                    noise, meta.conditioning)
-            store.write_chunk(ckpt.id, i, chunk)
-            bar.update(1)
-            if on_chunk is not None:
-                on_chunk(ckpt.id, i)
+    units = [(c, i) for c in range(len(meta.checkpoint_ids)) for i in range(store.n_chunks)]
+    pending = sorted(u for part in world.gather(_pending(store, meta.checkpoint_ids, world.share(units)))
+                     for u in part)
+    todo = world.share(pending)
+    desc = "featurize" if world.size == 1 else f"featurize (rank 0 of {world.size}: its share)"
+    bar = tqdm(total=len(todo), desc=desc, unit="chunk", disable=not progress)
+    loaded = 0
+    for c, i in todo:
+        ckpt = ckpts.checkpoints[c]
+        if c != loaded:
+            computer.load_state_dict(blobs[c]["state_dict"])
+            loaded = c
+        rows = store.rows(i)
+        times = replays[c][rows][:, None] if replays is not None else torch.tensor(meta.timesteps).expand(
+            rows.stop - rows.start, -1)
+        chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config.batch_size, noise,
+                                meta.conditioning)
+        store.write_chunk(ckpt.id, i, chunk)
+        bar.update(1)
+        if on_chunk is not None:
+            on_chunk(ckpt.id, i)
     bar.close()
-    return store
 
 
-def _pending(store: FeatureStore, cid: str) -> list[int]:
-    """Chunks of ``cid`` to compute: not done (an unreadable done record counts as not done), or done but
-    failing validation against the record (then un-marked)."""
+def _pending(store: FeatureStore, cids: list[str], units: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ``units`` (checkpoint index, chunk index) to compute: not done (an unreadable done record counts as
+    not done), or done but failing validation against the record (then un-marked)."""
+    records = {c: store.records(cids[c], unreadable_as_undone=True) for c in sorted({c for c, _ in units})}
     pending = []
-    for i, record in enumerate(store.records(cid, unreadable_as_undone=True)):
-        if record:
+    for c, i in units:
+        if records[c][i]:
             try:
-                store.read_chunk(cid, i, int(record))
+                store.read_chunk(cids[c], i, int(records[c][i]))
                 continue
             except ProjidxError:
-                store.mark_undone(cid, i)
-        pending.append(i)
+                store.mark_undone(cids[c], i)
+        pending.append((c, i))
     return pending
 
 

@@ -238,7 +238,8 @@ class Chunk:
 class WriterLock:
     """The one-writer guarantee: an exclusive advisory lock (``fcntl.flock``) on ``STORE.lock`` next to the store,
     held by ``featurize`` and ``index`` for their whole run. A second writer gets a one-line refusal naming the
-    holder. The kernel drops the lock when its process ends, however it ends (kill -9 included)."""
+    holder. The kernel drops the lock when its process ends, however it ends (kill -9 included). Under torchrun
+    rank 0 holds it for every rank (:func:`projidx.featurization.featurize`)."""
 
     def __init__(self, store_path: str | Path) -> None:
         self.path = Path(store_path).with_name(Path(store_path).name + ".lock")
