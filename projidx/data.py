@@ -90,9 +90,7 @@ class ImageSet:
 
     def display_names(self, ids: np.ndarray) -> list[list[str]]:
         """(M, k) ids -> their file names (or the ids as text); "" for the empty slot -1."""
-        by_id = {int(i): (self.names[r] if self.names is not None else str(int(i)))
-                 for r, i in enumerate(self.ids.tolist())}
-        return [[by_id.get(int(i), "") if int(i) >= 0 else "" for i in row] for row in np.atleast_2d(ids)]
+        return display_names(self.ids, self.names, ids)
 
 
 def fingerprint(image_shape: tuple[int, ...], image_chunks: Iterable[torch.Tensor], ids: torch.Tensor,
@@ -108,6 +106,13 @@ def fingerprint(image_shape: tuple[int, ...], image_chunks: Iterable[torch.Tenso
         h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
         h.update(value.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def display_names(data_ids: torch.Tensor, names: tuple[str, ...] | None, ids: np.ndarray) -> list[list[str]]:
+    """(M, k) sample ids of a dataset with ``data_ids`` and file ``names`` -> their file names (or the ids as
+    text); "" for the empty slot -1."""
+    by_id = {int(i): (names[r] if names is not None else str(int(i))) for r, i in enumerate(data_ids.tolist())}
+    return [[by_id.get(int(i), "") if int(i) >= 0 else "" for i in row] for row in np.atleast_2d(ids)]
 
 
 def check_conditioning(name: str, fields: dict[str, torch.Tensor | None], needs: dict[str, dict]
@@ -180,6 +185,9 @@ class StreamedImages:
 
     def conditioning(self, needs: dict[str, dict]) -> dict[str, torch.Tensor]:
         return check_conditioning(self.name, {"labels": self.labels, "embeddings": self.embeddings}, needs)
+
+    def display_names(self, ids: np.ndarray) -> list[list[str]]:
+        return display_names(self.ids, self.names, ids)
 
 
 Dataset = ImageSet | StreamedImages  # what featurization reads: rows by subset(), ids, fingerprint, conditioning

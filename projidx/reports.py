@@ -9,12 +9,12 @@ import numpy as np
 
 from projidx import analysis, viz
 from projidx.attribution import attribute, store_checkpoints, store_dataset
-from projidx.data import ImageSet
+from projidx.data import Dataset, ImageSet
 from projidx.featurization import featurize_queries
 from projidx.store import FeatureStore
 
 
-def _label(data: ImageSet, row: int) -> str:
+def _label(data: Dataset, row: int) -> str:
     return data.names[row] if data.names is not None else str(int(data.ids[row]))
 
 
