@@ -109,6 +109,9 @@ def _data(spec: str, value_range: str, resize: str | None, image_column: str = "
                                      label_column=label_column))
 
 
+STORE_HELP = "A featurized store: a path or an fsspec URL (file://, memory://, s3://, gs://)."
+
+
 @click.group()
 @click.version_option(package_name="projidx")
 def main() -> None:
@@ -151,7 +154,8 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
 @main.command()
 @click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(), help="Checkpoint directory.")
 @click.option("--data", required=True, help="The training data the checkpoints were trained on.")
-@click.option("--store", required=True, type=click.Path(), help="Zarr store to create or resume.")
+@click.option("--store", required=True, type=click.Path(),
+              help="Zarr store to create or resume: a path or an fsspec URL (file://, memory://, s3://, gs://).")
 @click.option("--train-timesteps", type=click.Choice(["grid", "replay"]), default=FEATURIZE.train_timesteps,
               show_default=True,
               help="grid: --timesteps gradients per image (needed by the matched method); replay: the one timestep"
@@ -209,12 +213,12 @@ def featurize(ckpt_dir, data, store, train_timesteps, timesteps, grid, noise, pr
 def _recorded_unless_given(store: str, values: dict) -> dict:
     """For an existing store: its recorded settings for every option left at its default, so that resuming needs
     no flags but --checkpoints, --data and --store (an option given explicitly is compared, not replaced)."""
-    if not (Path(store) / "zarr.json").is_file():
-        return {}
     from projidx.featurization import recorded_settings
-    from projidx.store import FeatureStore
+    from projidx.store import FeatureStore, store_exists
 
     try:
+        if not store_exists(store):
+            return {}
         recorded = recorded_settings(FeatureStore.open(store, mode="r+").meta)
     except ProjidxError:
         return {}  # featurize itself reports what is wrong with the store
@@ -235,7 +239,7 @@ def _flags(cls, **values):
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
 @click.option("--factory", default="Flat", show_default=True,
               help="FAISS index-factory string: Flat, IVF1024,Flat, IVF1024,SQfp16, HNSW32, IVF1024,PQ64, ...")
@@ -260,13 +264,13 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
     config = _flags(IndexConfig, factory=factory, index_dim=index_dim, on_disk=on_disk, nprobe=nprobe,
                     train_rows=train_rows, recall_queries=recall_queries)
     path = build_index(fs, method, config)
-    recall = read_sidecar(fs, method)[0]["recall"]
+    recall = read_sidecar(fs, method, digest=False)[0]["recall"]  # build_index checked the files it wrote
     click.echo(f"wrote {path} (recall@{recall['k']} vs the exact scan: {recall['recall_at_10']:.3f} over"
                f" {recall['queries']} store rows as queries)")
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--data", required=True, help="Query images: digits:test, an .npz, ...")
 @click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
@@ -338,19 +342,20 @@ def _indices(fs) -> dict:
     from projidx.index import index_dir, read_sidecar
 
     out = {}
-    for sidecar in sorted(index_dir(fs).glob("*.json")):
+    for sidecar in index_dir(fs).glob("*.json"):
+        method = sidecar.name.removesuffix(".json")
         try:
-            meta = read_sidecar(fs, sidecar.stem)[0]
+            meta = read_sidecar(fs, method)[0]
         except ProjidxError as e:
-            out[sidecar.stem] = {"error": str(e)}
+            out[method] = {"error": str(e)}
             continue
-        out[sidecar.stem] = {"factory": meta["factory"], "dim": meta["dim"], "recall": meta.get("recall"),
-                             "on_disk": bool(meta.get("lists_file"))}
+        out[method] = {"factory": meta["factory"], "dim": meta["dim"], "recall": meta.get("recall"),
+                       "on_disk": bool(meta.get("lists_file"))}
     return out
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--data", default=None, help="Its training data, if not loadable by the name the store records.")
 @click.option("--samples", default=16, show_default=True, type=click.IntRange(1), help="Training rows to check.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the row sample and of the near-copy noise.")
@@ -442,7 +447,8 @@ def sample(ckpt_dir, out, count, steps, seed, which) -> None:
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store (with its index for --method).")
+@click.option("--store", required=True, type=click.Path(),
+              help="A featurized store (with its index for --method): a path or an fsspec URL.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
@@ -469,7 +475,7 @@ def analyze() -> None:
 
 
 @analyze.command("timestep-bias")
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
 @_fail_cleanly
 def analyze_timestep_bias(store, out) -> None:
@@ -483,7 +489,7 @@ def analyze_timestep_bias(store, out) -> None:
 
 
 @analyze.command("influence")
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--data", required=True, help="Query images.")
 @click.option("--top-k", default=50, show_default=True, type=click.IntRange(1), help="Proponents per query.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
@@ -504,7 +510,7 @@ def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, lim
 
 
 @analyze.command("self-influence")
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
 @click.option("--query-timesteps", default=5, show_default=True, type=click.IntRange(1),
               help="Size of the query timestep grid S for each training image.")

@@ -37,9 +37,10 @@ from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules
 from projidx.features import QueryFeatures
 from projidx.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
+from projidx.locations import Location
 from projidx.projection import Projector, ProjectorSpec, make_projector
 from projidx.settings import GRIDS, FeaturizeConfig
-from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock
+from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock, store_exists
 
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
 
@@ -139,10 +140,10 @@ def _store_meta(ckpts: CheckpointSet, data: ImageSet, spec: ProjectorSpec, confi
     )
 
 
-def open_or_create(path: Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
+def open_or_create(path: str | Path | Location, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
     """Create the store, or open an existing one after checking that it was made from the same inputs and
     repairing what a re-run can repair (damaged array metadata, ids; see :meth:`FeatureStore.repair`)."""
-    if not path.exists():
+    if not store_exists(path):
         return FeatureStore.create(path, meta, ids)
     store = FeatureStore.open(path, mode="r+")
     diff = store.meta.difference(meta)
@@ -157,13 +158,14 @@ def open_or_create(path: Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore
 def featurize(
     ckpts: CheckpointSet,
     data: ImageSet,
-    store_path: str | Path,
+    store_path: str | Path | Location,
     config: FeaturizeConfig = FeaturizeConfig(),
     progress: bool = True,
     on_chunk: Callable[[str, int], None] | None = None,
     allow_other_data: bool = False,
 ) -> FeatureStore:
-    """Featurize ``data`` at every checkpoint into the store at ``store_path`` (created or resumed).
+    """Featurize ``data`` at every checkpoint into the store at ``store_path`` (a local path or an fsspec URL;
+    created or resumed).
 
     Chunks already done (and matching their done records) are skipped; damaged ones are recomputed, damaged
     array metadata and ids are repaired. One writer at a time (:class:`WriterLock`). ``on_chunk(cid, i)`` is
@@ -193,9 +195,10 @@ def featurize(
     except RuntimeError as e:
         raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {one_line(e)}") from e
     check_memory(spec, config, meta.gradients_per_sample)
-    with WriterLock(store_path):
-        return _featurize_locked(ckpts, data, Path(store_path), config, meta, spec, blobs, replays, computer,
-                                 progress, on_chunk)
+    location = Location.parse(store_path)
+    with WriterLock(location):
+        return _featurize_locked(ckpts, data, location, config, meta, spec, blobs, replays, computer, progress,
+                                 on_chunk)
 
 
 def available_memory() -> int | None:
@@ -241,7 +244,7 @@ def check_memory(spec: ProjectorSpec, config: FeaturizeConfig, gradients_per_sam
 def _featurize_locked(
     ckpts: CheckpointSet,
     data: ImageSet,
-    store_path: Path,
+    store_path: Location,
     config: FeaturizeConfig,
     meta: StoreMeta,
     spec: ProjectorSpec,
