@@ -16,7 +16,7 @@ from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
 from projidx.data import IMAGE_SUFFIXES, DataOptions, ImageSet, load_dataset
 from projidx.errors import ProjidxError
 from projidx.features import QueryFeatures
-from projidx.featurization import featurize_queries
+from projidx.featurization import check_checkpoints, featurize_queries
 from projidx.index import load_index
 from projidx.scoring import check_method, exact_topk, query_vectors
 from projidx.store import FeatureStore
@@ -48,11 +48,21 @@ class Attribution:
         return {"method": self.method, "top_k": self.top_k, "timings_s": self.timings, "queries": queries}
 
 
-def store_checkpoints(store: FeatureStore) -> CheckpointSet:
-    """The checkpoints a store was built from, read from the directory recorded in it."""
+def store_checkpoints(store: FeatureStore, directory: str | Path | None = None) -> CheckpointSet:
+    """The checkpoints a store was built from: read from ``directory`` where given (the checkpoints moved or copied
+    elsewhere; refused unless they are the store's, :func:`check_checkpoints`), else from the directory recorded
+    in the store."""
+    if directory is not None:
+        ckpts = load_checkpoint_dir(directory)
+        check_checkpoints(store, ckpts, f"the checkpoints in {directory} (--checkpoints)")
+        return ckpts
     if not store.meta.checkpoint_dir:
-        raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly")
-    return load_checkpoint_dir(store.meta.checkpoint_dir)
+        raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly"
+                           " (--checkpoints)")
+    try:
+        return load_checkpoint_dir(store.meta.checkpoint_dir)
+    except ProjidxError as e:
+        raise ProjidxError(f"{e}; if the store's checkpoints moved, pass their directory (--checkpoints)") from e
 
 
 def attribute(
@@ -90,17 +100,29 @@ def attribute(
     return Attribution(method, top_k, queries.ids, ids, scores, timings, query_names=query_names)
 
 
-def store_dataset(store: FeatureStore) -> ImageSet:
-    """The training data a store was built from, reloaded by name (refused if it changed since)."""
-    train = load_dataset(store.meta.dataset_name, DataOptions.from_dict(store.meta.dataset_options))
+def store_dataset(store: FeatureStore, spec: str | None = None) -> ImageSet:
+    """The training data a store was built from, read with the options the store records: from the DATA ``spec``
+    where given (the data moved or copied elsewhere), else by the name the store records; refused unless its
+    fingerprint is the store's."""
+    options = DataOptions.from_dict(store.meta.dataset_options)
+    if spec is not None:
+        train = load_dataset(spec, options)
+        if train.fingerprint() != store.meta.dataset_fingerprint:
+            raise ProjidxError(f"data {spec} (--train-data) is not the training data store {store.path} was built"
+                               " from")
+        return train
+    try:
+        train = load_dataset(store.meta.dataset_name, options)
+    except ProjidxError as e:
+        raise ProjidxError(f"{e}; if the store's training data moved, pass it (--train-data; validate: --data)") from e
     if train.fingerprint() != store.meta.dataset_fingerprint:
         raise ProjidxError(f"the training data {store.meta.dataset_name} changed since the store was built")
     return train
 
 
-def has_file_names(store: FeatureStore) -> bool:
-    """Whether the store's training data is image files (whose names results can show)."""
-    path = Path(store.meta.dataset_name)
+def has_file_names(store: FeatureStore, spec: str | None = None) -> bool:
+    """Whether the store's training data (at ``spec`` where given) is image files, whose names results can show."""
+    path = Path(spec or store.meta.dataset_name)
     return path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES
 
 

@@ -112,6 +112,20 @@ def _data(spec: str, value_range: str, resize: str | None, image_column: str = "
 STORE_HELP = "A featurized store: a path or an fsspec URL (file://, memory://, s3://, gs://)."
 
 
+def checkpoints_option(fn):
+    """--checkpoints: where the store's checkpoints are now, overriding the directory the store records."""
+    return click.option("--checkpoints", "ckpt_dir", type=click.Path(file_okay=False), default=None,
+                        help="The store's checkpoint directory, if it is not where the store records it (moved or"
+                             " copied; refused unless they are the store's checkpoints).")(fn)
+
+
+def train_data_option(fn):
+    """--train-data: where the store's training data is now, overriding the DATA the store records."""
+    return click.option("--train-data", default=None,
+                        help="The store's training data (reloaded for pictures and file names), if it is not where"
+                             " the store records it (refused unless it is the store's data).")(fn)
+
+
 @click.group()
 @click.version_option(package_name="projidx")
 def main() -> None:
@@ -288,12 +302,14 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 @click.option("--rerank", type=click.IntRange(1), default=None,
               help="Take this many candidates from the index and order them by their exact scores from the store.")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@checkpoints_option
+@train_data_option
 @data_options
 @_fail_cleanly
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
-          device, value_range, resize, image_column, label_column) -> None:
+          device, ckpt_dir, train_data, value_range, resize, image_column, label_column) -> None:
     """Top-k influential training samples for each query image."""
-    from projidx.attribution import attribute, has_file_names, store_dataset, training_images
+    from projidx.attribution import attribute, has_file_names, store_checkpoints, store_dataset, training_images
     from projidx.files import write_text_atomic
     from projidx.scoring import default_method
     from projidx.store import FeatureStore
@@ -304,9 +320,10 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     queries = _data(data, value_range, resize, image_column, label_column)
     if limit is not None:
         queries = queries.subset(slice(0, limit))
-    result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
+    ckpts = store_checkpoints(fs, ckpt_dir)
+    train = store_dataset(fs, train_data) if png or has_file_names(fs, train_data) else None  # before featurizing
+    result = attribute(fs, queries, method, top_k, exact=exact, ckpts=ckpts, query_timesteps=query_timesteps,
                        noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device, rerank=rerank)
-    train = store_dataset(fs) if png or has_file_names(fs) else None
     if train is not None and train.names is not None:
         result.names = train.display_names(result.ids)
     write_text_atomic(out, json.dumps(result.to_json(), indent=1))
@@ -372,10 +389,11 @@ def _indices(fs) -> dict:
               help="Exit 1 if the default method's near-copy top-10 share is below this.")
 @click.option("--min-shift-top10", type=click.FloatRange(0, 1), default=None,
               help="Exit 1 if the default method's one-pixel-shift top-10 share is below this.")
+@checkpoints_option
 @data_options
 @_fail_cleanly
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
-             min_near_top10, min_shift_top10, value_range, resize, image_column, label_column) -> None:
+             min_near_top10, min_shift_top10, ckpt_dir, value_range, resize, image_column, label_column) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
     from projidx.attribution import store_checkpoints, store_dataset
     from projidx.scoring import default_method
@@ -384,7 +402,7 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
 
     fs = FeatureStore.open(store)
     train = _data(data, value_range, resize, image_column, label_column) if data else store_dataset(fs)
-    report = validate_store(fs, store_checkpoints(fs), train, samples, seed, sigma, tuple(methods) or None,
+    report = validate_store(fs, store_checkpoints(fs, ckpt_dir), train, samples, seed, sigma, tuple(methods) or None,
                             query_timesteps, noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"
                " (median rank)")
@@ -452,8 +470,10 @@ def sample(ckpt_dir, out, count, steps, seed, which) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@checkpoints_option
+@train_data_option
 @_fail_cleanly
-def serve(store, host, port, device) -> None:
+def serve(store, host, port, device, ckpt_dir, train_data) -> None:
     """Warm look-ups over HTTP: GET /health, POST /query (JSON with a DATA spec, or an uploaded image file)."""
     try:
         import flask  # noqa: F401
@@ -464,7 +484,7 @@ def serve(store, host, port, device) -> None:
     from projidx.service import QueryService, create_app
 
     _check_device(device)
-    server = make_server(host, port, create_app(QueryService(store, device)), threaded=True)
+    server = make_server(host, port, create_app(QueryService(store, device, ckpt_dir, train_data)), threaded=True)
     click.echo(f"serving {store} on http://{host}:{server.server_port} (GET /health, POST /query); Ctrl-C stops")
     server.serve_forever()
 
@@ -498,14 +518,18 @@ def analyze_timestep_bias(store, out) -> None:
 @click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1),
               help="Noise draws R averaged per timestep.")
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="First N query images.")
+@checkpoints_option
 @_fail_cleanly
-def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit) -> None:
+def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit, ckpt_dir) -> None:
     """TracIn vs ReTrac specificity: unique ratio and generally influential samples."""
+    from projidx.attribution import store_checkpoints
     from projidx.reports import influence_report
     from projidx.store import FeatureStore
 
     queries = _data(data, "auto", None).subset(slice(0, limit))
-    report = influence_report(FeatureStore.open(store), queries, top_k, Path(out), query_timesteps, noise_draws)
+    fs = FeatureStore.open(store)
+    report = influence_report(fs, queries, top_k, Path(out), query_timesteps, noise_draws,
+                              ckpts=store_checkpoints(fs, ckpt_dir))
     click.echo(json.dumps(report["summary"], indent=2))
 
 
@@ -516,13 +540,18 @@ def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, lim
               help="Size of the query timestep grid S for each training image.")
 @click.option("--noise-draws", default=2, show_default=True, type=click.IntRange(1),
               help="Noise draws R averaged per timestep.")
+@checkpoints_option
+@train_data_option
 @_fail_cleanly
-def analyze_self_influence(store, out, query_timesteps, noise_draws) -> None:
+def analyze_self_influence(store, out, query_timesteps, noise_draws, ckpt_dir, train_data) -> None:
     """Each training sample's influence on itself, per method (outliers score high)."""
+    from projidx.attribution import store_checkpoints, store_dataset
     from projidx.reports import self_influence_report
     from projidx.store import FeatureStore
 
-    report = self_influence_report(FeatureStore.open(store), Path(out), query_timesteps, noise_draws)
+    fs = FeatureStore.open(store)
+    report = self_influence_report(fs, Path(out), query_timesteps, noise_draws,
+                                   ckpts=store_checkpoints(fs, ckpt_dir), train=store_dataset(fs, train_data))
     click.echo(json.dumps(report["highest"]))
 
 

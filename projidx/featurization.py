@@ -391,6 +391,14 @@ def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: in
     return grid, draws
 
 
+def check_checkpoints(store: FeatureStore, ckpts: CheckpointSet, given: str = "the checkpoints given") -> None:
+    """ProjidxError unless ``ckpts`` are the ones ``store`` was built from: the same model fingerprint and the same
+    checkpoint ids, file hashes and weights (wherever the files now are)."""
+    if model_fingerprint(ckpts.model) != store.meta.model_fingerprint or ckpts.describe() != store.meta.checkpoints:
+        raise ProjidxError(f"{given} are not the ones store {store.path} was built from (another model or other"
+                           " checkpoint files)")
+
+
 def load_state_dicts(ckpts: CheckpointSet) -> list[dict]:
     """Every checkpoint's state dict, hash-checked and validated (:func:`check_blob`)."""
     return [check_blob(c.load(), c.id, ckpts.schedule.T)["state_dict"] for c in ckpts.checkpoints]
@@ -416,8 +424,7 @@ def featurize_queries(
         raise ProjidxError(
             f"query images are {queries.image_shape}, the store was built from images of {tuple(meta.image_shape)}"
         )
-    if model_fingerprint(ckpts.model) != meta.model_fingerprint or ckpts.describe() != meta.checkpoints:
-        raise ProjidxError(f"the checkpoints given are not the ones store {store.path} was built from")
+    check_checkpoints(store, ckpts)
     grid, draws = query_defaults(meta, query_timesteps, noise_draws)
     # loss and schedule come from the store, never from the CheckpointSet handed in
     computer = gradient_computer(ckpts.model, meta.schedule, meta.loss, meta.projector, device, meta.objective)

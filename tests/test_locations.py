@@ -1,9 +1,10 @@
 """Stores on fsspec URLs (memory:// and file://): the pipeline through the CLI gives what a local path gives; the
-lock, creation and indices on an object store."""
+lock, creation and indices on an object store; the checkpoints and training data a store records, relocated."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import fsspec
 import numpy as np
 import pytest
 
+from projidx.checkpoints import MANIFEST
 from projidx.store import FeatureStore, WriterLock
 from tests.conftest import save_npz
 from tests.test_cli import assert_clean_error, run
@@ -184,3 +186,35 @@ def test_objects_projidx_did_not_write_are_not_taken_for_a_store(built):
                                              ("memory://", "not its root")])
 def test_urls_fsspec_cannot_use_are_one_line(url, needle):
     assert_clean_error(run("info", url, ok=False), needle)
+
+
+def test_moved_checkpoints_and_training_data_are_given_at_query_time(built, tmp_path):
+    """A store records where its checkpoints and training data were; --checkpoints and --train-data say where they
+    are now, and are refused unless they are the store's."""
+    url = memory_url()
+    shutil.copytree(built / "ck", tmp_path / "ck")
+    shutil.copy(built / "train.npz", tmp_path / "train.npz")
+    run("featurize", "--checkpoints", tmp_path / "ck", "--data", tmp_path / "train.npz", "--store", url, *FEATURIZE)
+    run("index", "--store", url, "--method", "retrac")
+    (tmp_path / "ck").rename(tmp_path / "moved-ck")
+    (tmp_path / "train.npz").rename(tmp_path / "moved.npz")
+    query = ["query", "--store", url, "--data", built / "queries.npz", "--method", "retrac", "--top-k", 5,
+             "--out", tmp_path / "r.json", "--png", tmp_path / "r.png"]
+    assert_clean_error(run(*query, ok=False), "no manifest.json", "--checkpoints")
+    shutil.copytree(tmp_path / "moved-ck", tmp_path / "other-ck")  # checkpoints that are not the store's
+    manifest = json.loads((tmp_path / "other-ck" / MANIFEST).read_text())
+    manifest["checkpoints"][1]["weight"] *= 2
+    (tmp_path / "other-ck" / MANIFEST).write_text(json.dumps(manifest))
+    assert_clean_error(run(*query, "--checkpoints", tmp_path / "other-ck", ok=False), "--checkpoints",
+                       "are not the ones store")
+    assert_clean_error(run("validate", "--store", url, "--data", tmp_path / "moved.npz", "--checkpoints",
+                           tmp_path / "other-ck", ok=False), "--checkpoints", "are not the ones store")
+    query += ["--checkpoints", tmp_path / "moved-ck"]
+    assert_clean_error(run(*query, ok=False), "no such file", "--train-data")
+    assert_clean_error(run(*query, "--train-data", built / "queries.npz", ok=False), "--train-data",
+                       "is not the training data")
+    assert not (tmp_path / "r.json").exists()
+    run(*query, "--train-data", tmp_path / "moved.npz")
+    assert results(tmp_path / "r.json") == results(built / "local.json")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    forget(url)
