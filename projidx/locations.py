@@ -74,6 +74,12 @@ class Location:
     def __str__(self) -> str:
         return self.text
 
+    def __fspath__(self) -> str:
+        """A local location is a path like any other (``open``, ``Path(...)``, ``shutil``); a URL is not."""
+        if self.local is None:
+            raise TypeError(f"{self.text} is not on the local file system")
+        return str(self.local)
+
     @property
     def is_url(self) -> bool:
         return URL.match(self.text) is not None
@@ -85,6 +91,11 @@ class Location:
     @property
     def suffix(self) -> str:
         return posixpath.splitext(self.name)[1]
+
+    @property
+    def parent(self) -> Location:
+        return replace(self, text=self.text.rsplit("/", 1)[0] if self.is_url else str(Path(self.text).parent),
+                       path=posixpath.dirname(self.path), local=None if self.local is None else self.local.parent)
 
     def __truediv__(self, name: str) -> Location:
         return replace(self, text=f"{self.text}/{name}", path=f"{self.path}/{name}",

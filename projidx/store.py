@@ -276,7 +276,8 @@ class WriterLock:
             if not _died_here(current):
                 break
             with contextlib.suppress(FileNotFoundError):
-                self.lock.unlink()  # its writer's process is gone from this host: take the lock over
+                if self.lock.read_text() == current:  # not taken over by another writer meanwhile
+                    self.lock.unlink()  # its writer's process is gone from this host: take the lock over
         raise self._busy(current, f"; if that run is gone, delete {self.lock}")
 
     def _busy(self, holder: str, hint: str = "") -> ProjidxError:

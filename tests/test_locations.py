@@ -207,8 +207,11 @@ def test_moved_checkpoints_and_training_data_are_given_at_query_time(built, tmp_
     (tmp_path / "other-ck" / MANIFEST).write_text(json.dumps(manifest))
     assert_clean_error(run(*query, "--checkpoints", tmp_path / "other-ck", ok=False), "--checkpoints",
                        "are not the ones store")
-    assert_clean_error(run("validate", "--store", url, "--data", tmp_path / "moved.npz", "--checkpoints",
-                           tmp_path / "other-ck", ok=False), "--checkpoints", "are not the ones store")
+    for command in (["validate", "--data", tmp_path / "moved.npz"], ["serve", "--port", 0],
+                    ["analyze", "influence", "--data", built / "queries.npz", "--out", tmp_path / "a"],
+                    ["analyze", "self-influence", "--out", tmp_path / "a"]):
+        r = run(*command, "--store", url, "--checkpoints", tmp_path / "other-ck", ok=False)
+        assert_clean_error(r, "--checkpoints", "are not the ones store")
     query += ["--checkpoints", tmp_path / "moved-ck"]
     assert_clean_error(run(*query, ok=False), "no such file", "--train-data")
     assert_clean_error(run(*query, "--train-data", built / "queries.npz", ok=False), "--train-data",
