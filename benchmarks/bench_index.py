@@ -105,7 +105,7 @@ if args["factory"] != "exact":
     build_index(store, args["method"], IndexConfig(**args["config"]))
 build_s = time.perf_counter() - start
 build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-size = sum(f.stat().st_size for f in index_dir(store).glob(args["method"] + "*") if f.is_file()) \\
+size = sum(f.stat().st_size for f in index_dir(store).local.glob(args["method"] + "*") if f.is_file()) \\
     if args["factory"] != "exact" else 0
 rows = []
 for nprobe in args["nprobes"]:

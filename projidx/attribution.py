@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from projidx.checkpoints import CheckpointSet, load_checkpoint_dir, load_diffusers_folders
+from projidx.checkpoints import CheckpointSet, load_checkpoint_dir, load_checkpoints, load_diffusers_folders
 from projidx.data import IMAGE_SUFFIXES, DataOptions, Dataset, ImageSet, load_dataset
 from projidx.errors import ProjidxError
 from projidx.features import QueryFeatures
-from projidx.featurization import featurize_queries
+from projidx.featurization import check_checkpoints, featurize_queries
 from projidx.index import load_index
 from projidx.scoring import check_method, exact_topk, query_vectors
 from projidx.store import FeatureStore
@@ -48,15 +48,27 @@ class Attribution:
         return {"method": self.method, "top_k": self.top_k, "timings_s": self.timings, "queries": queries}
 
 
-def store_checkpoints(store: FeatureStore) -> CheckpointSet:
-    """The checkpoints a store was built from, read from the directory (or diffusers folders, with the TracIn
-    weights recorded in the store) it records."""
+def store_checkpoints(store: FeatureStore, locations: list[str | Path] | None = None) -> CheckpointSet:
+    """The checkpoints a store was built from: read from ``locations`` where given (a checkpoint directory, or
+    diffusers folders, moved or copied elsewhere; refused unless they are the store's, :func:`check_checkpoints`),
+    else from the directory or diffusers folders recorded in the store (diffusers folders with the TracIn weights
+    the store records)."""
     meta = store.meta
-    if meta.checkpoint_folders:
-        return load_diffusers_folders(meta.checkpoint_folders, [c["weight"] for c in meta.checkpoints], meta.loss)
-    if not meta.checkpoint_dir:
-        raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly")
-    return load_checkpoint_dir(meta.checkpoint_dir)
+    weights = [c["weight"] for c in meta.checkpoints] if meta.checkpoint_folders else None
+    if locations:
+        ckpts = load_checkpoints(list(locations), weights)
+        where = ", ".join(str(p) for p in locations)
+        check_checkpoints(store, ckpts, f"the checkpoints in {where} (--checkpoints)")
+        return ckpts
+    if not meta.checkpoint_dir and not meta.checkpoint_folders:
+        raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly"
+                           " (--checkpoints)")
+    try:
+        if meta.checkpoint_folders:
+            return load_diffusers_folders(meta.checkpoint_folders, weights, meta.loss)
+        return load_checkpoint_dir(meta.checkpoint_dir)
+    except ProjidxError as e:
+        raise ProjidxError(f"{e}; if the store's checkpoints moved, pass them (--checkpoints)") from e
 
 
 def attribute(
@@ -94,18 +106,30 @@ def attribute(
     return Attribution(method, top_k, queries.ids, ids, scores, timings, query_names=query_names)
 
 
-def store_dataset(store: FeatureStore) -> Dataset:
-    """The training data a store was built from, reloaded by name, images left on disk where the kind allows
-    (refused if it changed since: one streamed pass for the fingerprint)."""
-    train = load_dataset(store.meta.dataset_name, DataOptions.from_dict(store.meta.dataset_options), stream=True)
-    if train.fingerprint(store.meta.conditioning_inputs) != store.meta.dataset_fingerprint:
+def store_dataset(store: FeatureStore, spec: str | None = None) -> Dataset:
+    """The training data a store was built from, read with the options the store records, images left on disk
+    where the kind allows: from the DATA ``spec`` where given (the data moved or copied elsewhere), else by the name
+    the store records; refused unless its fingerprint (one streamed pass) is the store's."""
+    options = DataOptions.from_dict(store.meta.dataset_options)
+    conditioning = store.meta.conditioning_inputs
+    if spec is not None:
+        train = load_dataset(spec, options, stream=True)
+        if train.fingerprint(conditioning) != store.meta.dataset_fingerprint:
+            raise ProjidxError(f"data {spec} (--train-data) is not the training data store {store.path} was built"
+                               " from")
+        return train
+    try:
+        train = load_dataset(store.meta.dataset_name, options, stream=True)
+    except ProjidxError as e:
+        raise ProjidxError(f"{e}; if the store's training data moved, pass it (--train-data; validate: --data)") from e
+    if train.fingerprint(conditioning) != store.meta.dataset_fingerprint:
         raise ProjidxError(f"the training data {store.meta.dataset_name} changed since the store was built")
     return train
 
 
-def has_file_names(store: FeatureStore) -> bool:
-    """Whether the store's training data is image files (whose names results can show)."""
-    path = Path(store.meta.dataset_name)
+def has_file_names(store: FeatureStore, spec: str | None = None) -> bool:
+    """Whether the store's training data (at ``spec`` where given) is image files, whose names results can show."""
+    path = Path(spec or store.meta.dataset_name)
     return path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES
 
 

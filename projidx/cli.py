@@ -115,6 +115,24 @@ def _data(spec: str, value_range: str, resize: str | None, image_column: str = "
                                      label_column=label_column), stream=stream)
 
 
+STORE_HELP = "A featurized store: a path or an fsspec URL (file://, memory://, s3://, gs://)."
+
+
+def checkpoints_option(fn):
+    """--checkpoints: where the store's checkpoints are now, overriding the directory or folders the store records."""
+    return click.option("--checkpoints", "ckpt_dir", type=click.Path(file_okay=False), multiple=True,
+                        help="The store's checkpoint directory (or diffusers folders, repeated in order), if they are"
+                             " not where the store records them (moved or copied; refused unless they are the"
+                             " store's checkpoints).")(fn)
+
+
+def train_data_option(fn):
+    """--train-data: where the store's training data is now, overriding the DATA the store records."""
+    return click.option("--train-data", default=None,
+                        help="The store's training data (reloaded for pictures and file names), if it is not where"
+                             " the store records it (refused unless it is the store's data).")(fn)
+
+
 @click.group()
 @click.version_option(package_name="projidx")
 def main() -> None:
@@ -184,7 +202,8 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
 @main.command()
 @checkpoint_options
 @click.option("--data", required=True, help="The training data the checkpoints were trained on.")
-@click.option("--store", required=True, type=click.Path(), help="Zarr store to create or resume.")
+@click.option("--store", required=True, type=click.Path(),
+              help="Zarr store to create or resume: a path or an fsspec URL (file://, memory://, s3://, gs://).")
 @click.option("--train-timesteps", type=click.Choice(["grid", "replay"]), default=FEATURIZE.train_timesteps,
               show_default=True,
               help="grid: --timesteps gradients per image (needed by the matched method); replay: the one timestep"
@@ -245,12 +264,12 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
 def _recorded_unless_given(store: str, values: dict) -> dict:
     """For an existing store: its recorded settings for every option left at its default, so that resuming needs
     no flags but --checkpoints, --data and --store (an option given explicitly is compared, not replaced)."""
-    if not (Path(store) / "zarr.json").is_file():
-        return {}
     from projidx.featurization import recorded_settings
-    from projidx.store import FeatureStore
+    from projidx.store import FeatureStore, store_exists
 
     try:
+        if not store_exists(store):
+            return {}
         recorded = recorded_settings(FeatureStore.open(store, mode="r+").meta)
     except ProjidxError:
         return {}  # featurize itself reports what is wrong with the store
@@ -271,7 +290,7 @@ def _flags(cls, **values):
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
 @click.option("--factory", default="Flat", show_default=True,
               help="FAISS index-factory string: Flat, IVF1024,Flat, IVF1024,SQfp16, HNSW32, IVF1024,PQ64, ...")
@@ -296,13 +315,13 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
     config = _flags(IndexConfig, factory=factory, index_dim=index_dim, on_disk=on_disk, nprobe=nprobe,
                     train_rows=train_rows, recall_queries=recall_queries)
     path = build_index(fs, method, config)
-    recall = read_sidecar(fs, method)[0]["recall"]
+    recall = read_sidecar(fs, method, digest=False)[0]["recall"]  # build_index checked the files it wrote
     click.echo(f"wrote {path} (recall@{recall['k']} vs the exact scan: {recall['recall_at_10']:.3f} over"
                f" {recall['queries']} store rows as queries)")
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--data", required=True, help="Query images: digits:test, an .npz, ...")
 @click.option("--method", type=click.Choice(METHODS), default=None, help=METHOD_HELP)
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
@@ -320,12 +339,14 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 @click.option("--rerank", type=click.IntRange(1), default=None,
               help="Take this many candidates from the index and order them by their exact scores from the store.")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@checkpoints_option
+@train_data_option
 @data_options
 @_fail_cleanly
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
-          device, value_range, resize, image_column, label_column) -> None:
+          device, ckpt_dir, train_data, value_range, resize, image_column, label_column) -> None:
     """Top-k influential training samples for each query image."""
-    from projidx.attribution import attribute, has_file_names, store_dataset, training_images
+    from projidx.attribution import attribute, has_file_names, store_checkpoints, store_dataset, training_images
     from projidx.files import write_text_atomic
     from projidx.scoring import default_method
     from projidx.store import FeatureStore
@@ -336,9 +357,10 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     queries = _data(data, value_range, resize, image_column, label_column)
     if limit is not None:
         queries = queries.subset(slice(0, limit))
-    result = attribute(fs, queries, method, top_k, exact=exact, query_timesteps=query_timesteps,
+    ckpts = store_checkpoints(fs, ckpt_dir)
+    train = store_dataset(fs, train_data) if png or has_file_names(fs, train_data) else None  # before featurizing
+    result = attribute(fs, queries, method, top_k, exact=exact, ckpts=ckpts, query_timesteps=query_timesteps,
                        noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device, rerank=rerank)
-    train = store_dataset(fs) if png or has_file_names(fs) else None
     if train is not None and train.names is not None:
         result.names = train.display_names(result.ids)
     write_text_atomic(out, json.dumps(result.to_json(), indent=1))
@@ -374,19 +396,20 @@ def _indices(fs) -> dict:
     from projidx.index import index_dir, read_sidecar
 
     out = {}
-    for sidecar in sorted(index_dir(fs).glob("*.json")):
+    for sidecar in index_dir(fs).glob("*.json"):
+        method = sidecar.name.removesuffix(".json")
         try:
-            meta = read_sidecar(fs, sidecar.stem)[0]
+            meta = read_sidecar(fs, method)[0]
         except ProjidxError as e:
-            out[sidecar.stem] = {"error": str(e)}
+            out[method] = {"error": str(e)}
             continue
-        out[sidecar.stem] = {"factory": meta["factory"], "dim": meta["dim"], "recall": meta.get("recall"),
-                             "on_disk": bool(meta.get("lists_file"))}
+        out[method] = {"factory": meta["factory"], "dim": meta["dim"], "recall": meta.get("recall"),
+                       "on_disk": bool(meta.get("lists_file"))}
     return out
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--data", default=None, help="Its training data, if not loadable by the name the store records.")
 @click.option("--samples", default=16, show_default=True, type=click.IntRange(1), help="Training rows to check.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the row sample and of the near-copy noise.")
@@ -403,10 +426,11 @@ def _indices(fs) -> dict:
               help="Exit 1 if the default method's near-copy top-10 share is below this.")
 @click.option("--min-shift-top10", type=click.FloatRange(0, 1), default=None,
               help="Exit 1 if the default method's one-pixel-shift top-10 share is below this.")
+@checkpoints_option
 @data_options
 @_fail_cleanly
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
-             min_near_top10, min_shift_top10, value_range, resize, image_column, label_column) -> None:
+             min_near_top10, min_shift_top10, ckpt_dir, value_range, resize, image_column, label_column) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
     from projidx.attribution import store_checkpoints, store_dataset
     from projidx.scoring import default_method
@@ -415,7 +439,7 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
 
     fs = FeatureStore.open(store)
     train = _data(data, value_range, resize, image_column, label_column, stream=True) if data else store_dataset(fs)
-    report = validate_store(fs, store_checkpoints(fs), train, samples, seed, sigma, tuple(methods) or None,
+    report = validate_store(fs, store_checkpoints(fs, ckpt_dir), train, samples, seed, sigma, tuple(methods) or None,
                             query_timesteps, noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"
                " (median rank)")
@@ -516,12 +540,15 @@ def _sample_labels(labels: str | None, count: int, needs: dict[str, dict]):
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(), help="A featurized store (with its index for --method).")
+@click.option("--store", required=True, type=click.Path(),
+              help="A featurized store (with its index for --method): a path or an fsspec URL.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@checkpoints_option
+@train_data_option
 @_fail_cleanly
-def serve(store, host, port, device) -> None:
+def serve(store, host, port, device, ckpt_dir, train_data) -> None:
     """Warm look-ups over HTTP: GET /health, POST /query (JSON with a DATA spec, or an uploaded image file)."""
     try:
         import flask  # noqa: F401
@@ -532,7 +559,7 @@ def serve(store, host, port, device) -> None:
     from projidx.service import QueryService, create_app
 
     _check_device(device)
-    server = make_server(host, port, create_app(QueryService(store, device)), threaded=True)
+    server = make_server(host, port, create_app(QueryService(store, device, ckpt_dir, train_data)), threaded=True)
     click.echo(f"serving {store} on http://{host}:{server.server_port} (GET /health, POST /query); Ctrl-C stops")
     server.serve_forever()
 
@@ -543,7 +570,7 @@ def analyze() -> None:
 
 
 @analyze.command("timestep-bias")
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
 @_fail_cleanly
 def analyze_timestep_bias(store, out) -> None:
@@ -557,7 +584,7 @@ def analyze_timestep_bias(store, out) -> None:
 
 
 @analyze.command("influence")
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--data", required=True, help="Query images.")
 @click.option("--top-k", default=50, show_default=True, type=click.IntRange(1), help="Proponents per query.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
@@ -566,31 +593,40 @@ def analyze_timestep_bias(store, out) -> None:
 @click.option("--noise-draws", default=4, show_default=True, type=click.IntRange(1),
               help="Noise draws R averaged per timestep.")
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="First N query images.")
+@checkpoints_option
 @_fail_cleanly
-def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit) -> None:
+def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit, ckpt_dir) -> None:
     """TracIn vs ReTrac specificity: unique ratio and generally influential samples."""
+    from projidx.attribution import store_checkpoints
     from projidx.reports import influence_report
     from projidx.store import FeatureStore
 
     queries = _data(data, "auto", None).subset(slice(0, limit))
-    report = influence_report(FeatureStore.open(store), queries, top_k, Path(out), query_timesteps, noise_draws)
+    fs = FeatureStore.open(store)
+    report = influence_report(fs, queries, top_k, Path(out), query_timesteps, noise_draws,
+                              ckpts=store_checkpoints(fs, ckpt_dir))
     click.echo(json.dumps(report["summary"], indent=2))
 
 
 @analyze.command("self-influence")
-@click.option("--store", required=True, type=click.Path(), help="A featurized store.")
+@click.option("--store", required=True, type=click.Path(), help=STORE_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the JSON and PNGs.")
 @click.option("--query-timesteps", default=5, show_default=True, type=click.IntRange(1),
               help="Size of the query timestep grid S for each training image.")
 @click.option("--noise-draws", default=2, show_default=True, type=click.IntRange(1),
               help="Noise draws R averaged per timestep.")
+@checkpoints_option
+@train_data_option
 @_fail_cleanly
-def analyze_self_influence(store, out, query_timesteps, noise_draws) -> None:
+def analyze_self_influence(store, out, query_timesteps, noise_draws, ckpt_dir, train_data) -> None:
     """Each training sample's influence on itself, per method (outliers score high)."""
+    from projidx.attribution import store_checkpoints, store_dataset
     from projidx.reports import self_influence_report
     from projidx.store import FeatureStore
 
-    report = self_influence_report(FeatureStore.open(store), Path(out), query_timesteps, noise_draws)
+    fs = FeatureStore.open(store)
+    report = self_influence_report(fs, Path(out), query_timesteps, noise_draws,
+                                   ckpts=store_checkpoints(fs, ckpt_dir), train=store_dataset(fs, train_data))
     click.echo(json.dumps(report["highest"]))
 
 

@@ -40,9 +40,10 @@ from projidx.errors import ProjidxError, one_line
 from projidx.factorized import FactorizedGradients, factorizable_modules
 from projidx.features import QueryFeatures
 from projidx.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
+from projidx.locations import Location
 from projidx.projection import Projector, ProjectorSpec, make_projector
 from projidx.settings import GRIDS, FeaturizeConfig
-from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock
+from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock, store_exists
 
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
 
@@ -151,10 +152,10 @@ def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config
     )
 
 
-def open_or_create(path: Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
+def open_or_create(path: str | Path | Location, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
     """Create the store, or open an existing one after checking that it was made from the same inputs and
     repairing what a re-run can repair (damaged array metadata, ids; see :meth:`FeatureStore.repair`)."""
-    if not path.exists():
+    if not store_exists(path):
         return FeatureStore.create(path, meta, ids)
     store = FeatureStore.open(path, mode="r+")
     diff = store.meta.difference(meta)
@@ -169,13 +170,14 @@ def open_or_create(path: Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore
 def featurize(
     ckpts: CheckpointSet,
     data: Dataset,
-    store_path: str | Path,
+    store_path: str | Path | Location,
     config: FeaturizeConfig = FeaturizeConfig(),
     progress: bool = True,
     on_chunk: Callable[[str, int], None] | None = None,
     allow_other_data: bool = False,
 ) -> FeatureStore:
-    """Featurize ``data`` at every checkpoint into the store at ``store_path`` (created or resumed).
+    """Featurize ``data`` at every checkpoint into the store at ``store_path`` (a local path or an fsspec URL;
+    created or resumed).
 
     Chunks already done (and matching their done records) are skipped; damaged ones are recomputed, damaged
     array metadata and ids are repaired. One writer at a time (:class:`WriterLock`). ``on_chunk(cid, i)`` is
@@ -229,28 +231,29 @@ def _featurize(
     except RuntimeError as e:
         raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {one_line(e)}") from e
     check_memory(spec, config, meta.gradients_per_sample, world.local_size)
+    location = Location.parse(store_path)
     with ExitStack() as held:  # rank 0 holds the writer lock until every rank has finished
 
         def create() -> FeatureStore:
-            held.enter_context(WriterLock(store_path))
-            return open_or_create(Path(store_path), meta, data.ids.numpy())
+            held.enter_context(WriterLock(location))
+            return open_or_create(location, meta, data.ids.numpy())
 
         store = world.on_main(create)
         if store is None:
-            store = _open_as_peer(Path(store_path), meta, world)
+            store = _open_as_peer(location, meta, world)
         _featurize_share(world, store, ckpts, data, config, meta, spec, blobs, replays, computer,
                          progress and world.rank == 0, on_chunk)
         world.barrier()
     return store
 
 
-def _open_as_peer(path: Path, meta: StoreMeta, world: World) -> FeatureStore:
+def _open_as_peer(location: Location, meta: StoreMeta, world: World) -> FeatureStore:
     """The store rank 0 created or repaired, opened by another rank, which checks it against its own inputs."""
-    store = FeatureStore.open(path, mode="r+")
+    store = FeatureStore.open(location, mode="r+")
     diff = store.meta.difference(meta)
     if diff is not None:
-        raise ProjidxError(f"rank {world.rank}: store {path} was written with a different {diff} than this rank's"
-                           " inputs; give every rank the same --checkpoints, --data and flags")
+        raise ProjidxError(f"rank {world.rank}: store {location} was written with a different {diff} than this"
+                           " rank's inputs; give every rank the same --checkpoints, --data and flags")
     return store
 
 
@@ -462,6 +465,14 @@ def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: in
     return grid, draws
 
 
+def check_checkpoints(store: FeatureStore, ckpts: CheckpointSet, given: str = "the checkpoints given") -> None:
+    """ProjidxError unless ``ckpts`` are the ones ``store`` was built from: the same model fingerprint and the same
+    checkpoint ids, file hashes and weights (wherever the files now are)."""
+    if model_fingerprint(ckpts.model) != store.meta.model_fingerprint or ckpts.describe() != store.meta.checkpoints:
+        raise ProjidxError(f"{given} are not the ones store {store.path} was built from (another model or other"
+                           " checkpoint files)")
+
+
 def load_state_dicts(ckpts: CheckpointSet) -> list[dict]:
     """Every checkpoint's state dict, hash-checked and validated (:func:`check_blob`)."""
     return [check_blob(c.load(), c.id, ckpts.schedule.T)["state_dict"] for c in ckpts.checkpoints]
@@ -487,8 +498,7 @@ def featurize_queries(
         raise ProjidxError(
             f"query images are {queries.image_shape}, the store was built from images of {tuple(meta.image_shape)}"
         )
-    if model_fingerprint(ckpts.model) != meta.model_fingerprint or ckpts.describe() != meta.checkpoints:
-        raise ProjidxError(f"the checkpoints given are not the ones store {store.path} was built from")
+    check_checkpoints(store, ckpts)
     grid, draws = query_defaults(meta, query_timesteps, noise_draws)
     # loss and schedule come from the store, never from the CheckpointSet handed in
     computer = gradient_computer(ckpts.model, meta.schedule, meta.loss, meta.projector, device, meta.objective,

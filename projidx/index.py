@@ -3,7 +3,9 @@
 The training vectors of :mod:`projidx.scoring` (checkpoint weights, normalization and timestep aggregation folded
 in) go into a FAISS index made from an index-factory string ("Flat", "IVF1024,Flat", "IVF1024,SQfp16", "HNSW32",
 "IVF1024,PQ64", ...) with the inner-product metric. Indices live next to the store, in
-``STORE.index/<method>.faiss`` with a JSON sidecar tying them to the store they came from.
+``STORE.index/<method>.faiss`` with a JSON sidecar tying them to the store they came from; for a store on a URL
+under the same URL (built in a local temporary directory, uploaded index file first and sidecar last, and read
+back whole into memory).
 
 Built in bounded memory: an index that needs training is trained on a seeded sample of rows, then filled one
 row-chunk at a time, so the peak is about the index's own size plus one chunk. ``on_disk`` (IVF indices) fills
@@ -20,11 +22,14 @@ is used only when ``faiss.get_num_gpus() > 0``.
 
 The sidecar records the index file's sha256, method, dimension, factory and the store's uuid and metadata
 digest; loading checks all of them, so an index file overwritten, edited or copied over another method's is
-refused. Index files and sidecars are written to a temporary name and renamed, under the store's writer lock.
+refused. Index files and sidecars are written whole (locally: to a temporary name, then renamed; on an object
+store: one object each), under the store's writer lock.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import tempfile
@@ -37,7 +42,8 @@ import numpy as np
 import torch
 
 from projidx.errors import ProjidxError, one_line
-from projidx.files import atomic_path, file_sha256, write_text_atomic
+from projidx.files import atomic_path, file_sha256
+from projidx.locations import Location
 from projidx.scoring import check_method, chunk_vectors, exact_topk, rescore
 from projidx.seeding import generator
 from projidx.settings import IndexConfig
@@ -55,8 +61,9 @@ def faiss_module():
     return faiss
 
 
-def index_dir(store: FeatureStore) -> Path:
-    return store.path.with_name(store.path.name + ".index")
+def index_dir(store: FeatureStore) -> Location:
+    """``STORE.index``, next to the store (under the same URL for a store on a URL)."""
+    return store.path.sibling(".index")
 
 
 @dataclass(frozen=True)
@@ -132,15 +139,15 @@ def _nlist(factory: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def build_index(store: FeatureStore, method: str, factory: str | IndexConfig = "Flat") -> Path:
+def build_index(store: FeatureStore, method: str, factory: str | IndexConfig = "Flat") -> Location:
     """Build and save the ``method`` index of a complete store (``factory``: a factory string or an
-    :class:`IndexConfig`); returns the index file's path."""
+    :class:`IndexConfig`); returns where the index file is."""
     config = factory if isinstance(factory, IndexConfig) else IndexConfig(factory=factory)
     with WriterLock(store.path):
         return _build_locked(store, method, config)
 
 
-def _build_locked(store: FeatureStore, method: str, config: IndexConfig) -> Path:
+def _build_locked(store: FeatureStore, method: str, config: IndexConfig) -> Location:
     check_method(store, method)
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
@@ -150,27 +157,31 @@ def _build_locked(store: FeatureStore, method: str, config: IndexConfig) -> Path
                            " only 'Flat' works without")
     if config.on_disk and _nlist(config.factory) is None:
         raise ProjidxError(f"--on-disk needs an IVF index, not {config.factory!r}")
+    target = index_dir(store)
+    if config.on_disk and target.local is None:
+        raise ProjidxError(f"--on-disk needs a store on the local file system (its lists are memory-mapped), not"
+                           f" {store.path}")
     sketch = store_sketch(store, config.index_dim)
     dim = config.index_dim or store.meta.projector.proj_dim * len(store.meta.checkpoints)
-    out = index_dir(store)
-    out.mkdir(exist_ok=True)
-    lists = None
-    if faiss is None:
-        path = _build_torch_flat(store, method, sketch, dim, out / f"{method}.npy")
-    else:
-        path, lists = _build_faiss(faiss, store, method, config, sketch, dim, out)
-    sidecar = {"method": method, "factory": config.factory, "backend": "torch" if faiss is None else "faiss",
-               "store_uuid": store.uuid, "store_digest": _store_digest(store), "n": store.meta.n, "dim": dim,
-               "file": path.name, "sha256": file_sha256(path), "config": asdict(config)}
-    if lists is not None:
-        sidecar["lists_file"], sidecar["lists_sha256"] = lists.name, file_sha256(lists)
-    index = _open(faiss, store, method, sidecar, path, config.nprobe)
-    sidecar["recall"] = recall_report(store, index, config.recall_queries, config.seed)
-    write_text_atomic(out / f"{method}.json", json.dumps(sidecar, indent=2))
-    for old in out.glob(f"{method}.*.ivfdata"):  # lists of earlier builds of this method
-        if lists is None or old != lists:
+    with target.staging() as out:
+        lists = None
+        if faiss is None:
+            path = _build_torch_flat(store, method, sketch, dim, out / f"{method}.npy")
+        else:
+            path, lists = _build_faiss(faiss, store, method, config, sketch, dim, out)
+        sidecar = {"method": method, "factory": config.factory, "backend": "torch" if faiss is None else "faiss",
+                   "store_uuid": store.uuid, "store_digest": _store_digest(store), "n": store.meta.n, "dim": dim,
+                   "file": path.name, "sha256": file_sha256(path), "config": asdict(config)}
+        if lists is not None:
+            sidecar["lists_file"], sidecar["lists_sha256"] = lists.name, file_sha256(lists)
+        index = _open(faiss, store, method, sidecar, path, config.nprobe)
+        sidecar["recall"] = recall_report(store, index, config.recall_queries, config.seed)
+        target.commit(path)
+    (target / f"{method}.json").write_text(json.dumps(sidecar, indent=2))  # last: it names the new file
+    for old in target.glob(f"{method}.*.ivfdata"):  # lists of earlier builds of this method
+        if lists is None or old.name != lists.name:
             old.unlink()
-    return path
+    return target / path.name
 
 
 def _build_torch_flat(store: FeatureStore, method: str, sketch: Sketch | None, dim: int, path: Path) -> Path:
@@ -293,52 +304,80 @@ def recall_report(store: FeatureStore, index: SearchIndex, queries: int, seed: i
     return {"recall_at_10": float(np.mean(hits)) / k, "queries": len(rows), "k": k, "nprobe": nprobe}
 
 
-def read_sidecar(store: FeatureStore, method: str) -> tuple[dict, Path]:
-    """The ``method`` index's sidecar and index file path, checked against the store and the file's digest."""
+def read_sidecar(store: FeatureStore, method: str, digest: bool = True) -> tuple[dict, Location]:
+    """The ``method`` index's sidecar and where its index file is, checked against the store and (``digest``) the
+    files' sha256 (:func:`load_index` checks the index file's on the bytes it loads instead)."""
     sidecar = index_dir(store) / f"{method}.json"
     if not sidecar.is_file():
         raise ProjidxError(
             f"no {method} index for store {store.path}: run 'projidx index --store {store.path} --method {method}'"
             " or query with --exact"
         )
-    rebuild = f"rebuild it with 'projidx index --store {store.path} --method {method}'"
+    rebuild = _rebuild(store, method)
     try:
         meta = json.loads(sidecar.read_text())
         same_store = meta["store_uuid"] == store.uuid and meta["n"] == store.meta.n \
             and meta.get("store_digest") == _store_digest(store)
-        path = sidecar.parent / meta["file"]
+        path = index_dir(store) / meta["file"]
         config = meta.get("config", {})
         expected_dim = config.get("index_dim") or store.meta.projector.proj_dim * len(store.meta.checkpoints)
         sound = meta["method"] == method and int(meta["dim"]) == expected_dim \
-            and Path(meta["file"]).name == meta["file"] and path.is_file() and file_sha256(path) == meta["sha256"]
+            and Path(meta["file"]).name == meta["file"] and path.is_file() \
+            and (not digest or path.sha256() == meta["sha256"])
         if sound and meta.get("lists_file"):
-            lists = sidecar.parent / meta["lists_file"]
+            lists = index_dir(store) / meta["lists_file"]
             sound = Path(meta["lists_file"]).name == meta["lists_file"] and lists.is_file() \
-                and file_sha256(lists) == meta["lists_sha256"]
+                and (not digest or lists.sha256() == meta["lists_sha256"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ProjidxError(f"the {method} index in {sidecar.parent} is unreadable ({one_line(e)}); {rebuild}") from e
+        raise ProjidxError(f"the {method} index in {index_dir(store)} is unreadable ({one_line(e)}); {rebuild}") from e
     if not same_store:
-        raise ProjidxError(f"the {method} index in {sidecar.parent} was built from another store; {rebuild}")
+        raise ProjidxError(f"the {method} index in {index_dir(store)} was built from another store; {rebuild}")
     if not sound:
-        raise ProjidxError(f"the {method} index file {path} is not the one its sidecar records (overwritten, edited"
-                           f" or missing); {rebuild}")
+        raise _not_recorded(store, method, path)
     return meta, path
 
 
-def _open(faiss, store: FeatureStore, method: str, meta: dict, path: Path, nprobe: int | None) -> SearchIndex:
+def _rebuild(store: FeatureStore, method: str) -> str:
+    return f"rebuild it with 'projidx index --store {store.path} --method {method}'"
+
+
+def _not_recorded(store: FeatureStore, method: str, path: Location) -> ProjidxError:
+    return ProjidxError(f"the {method} index file {path} is not the one its sidecar records (overwritten, edited or"
+                        f" missing); {_rebuild(store, method)}")
+
+
+def _contents(store: FeatureStore, method: str, meta: dict, path: Location) -> Path | bytes:
+    """The index file to load, checked against the sidecar's sha256: its local path, or (on an object store) its
+    bytes, read once."""
+    if path.local is not None:
+        if file_sha256(path.local) != meta["sha256"]:
+            raise _not_recorded(store, method, path)
+        return path.local
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise _not_recorded(store, method, path)
+    return data
+
+
+def _open(faiss, store: FeatureStore, method: str, meta: dict, source: Path | bytes, nprobe: int | None,
+          where: Location | None = None) -> SearchIndex:
+    """The index loaded from ``source``: a local file, or an index file's bytes (``where`` names it in errors)."""
     ids = store.ids()
     sketch = store_sketch(store, meta.get("config", {}).get("index_dim"))
-    unreadable = f"the {method} index {path} is unreadable; rebuild it with 'projidx index'"
+    unreadable = f"the {method} index {where or source} is unreadable; rebuild it with 'projidx index'"
     if meta["backend"] != "torch" and faiss is None:
         raise ProjidxError(f"the {method} index is a FAISS index: pip install 'projidx[cpu]' (or [gpu])")
     try:
         if meta["backend"] == "torch":
             with warnings.catch_warnings():  # a read-only memory map: torch only reads it
                 warnings.simplefilter("ignore", UserWarning)
-                vectors = torch.from_numpy(np.load(path, mmap_mode="r"))
+                array = np.load(source, mmap_mode="r") if isinstance(source, Path) else np.load(io.BytesIO(source))
+                vectors = torch.from_numpy(array)
             return SearchIndex(method, meta["factory"], ids, vectors=vectors, sketch=sketch, store=store,
                                sidecar=meta)
-        index = faiss.read_index(str(path))  # on-disk inverted lists are memory-mapped by FAISS itself
+        # on-disk inverted lists are memory-mapped by FAISS itself
+        index = faiss.read_index(str(source)) if isinstance(source, Path) \
+            else faiss.deserialize_index(np.frombuffer(source, dtype=np.uint8))
     except (OSError, ValueError, RuntimeError) as e:
         raise ProjidxError(f"{unreadable} ({one_line(e)})") from e
     nprobe = nprobe if nprobe is not None else meta.get("config", {}).get("nprobe")
@@ -355,5 +394,5 @@ def _open(faiss, store: FeatureStore, method: str, meta: dict, path: Path, nprob
 def load_index(store: FeatureStore, method: str, nprobe: int | None = None) -> SearchIndex:
     """Load the saved ``method`` index of ``store``; refuses one built from another store or whose files are not
     the ones its sidecar records."""
-    meta, path = read_sidecar(store, method)
-    return _open(faiss_module(), store, method, meta, path, nprobe)
+    meta, path = read_sidecar(store, method, digest=False)
+    return _open(faiss_module(), store, method, meta, _contents(store, method, meta, path), nprobe, path)

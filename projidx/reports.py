@@ -9,6 +9,7 @@ import numpy as np
 
 from projidx import analysis, viz
 from projidx.attribution import attribute, store_checkpoints, store_dataset
+from projidx.checkpoints import CheckpointSet
 from projidx.data import Dataset, ImageSet
 from projidx.featurization import featurize_queries
 from projidx.store import FeatureStore
@@ -46,10 +47,13 @@ def influence_report(
     noise_draws: int = 4,
     methods: tuple[str, ...] = ("tracin", "retrac"),
     progress: bool = True,
+    ckpts: CheckpointSet | None = None,
 ) -> dict:
     """influence.json (per method: unique ratio, generally influential samples, mechanism correlations) and
-    influence_curve.png / appearances_vs_norm.png. Exact top-k (no index needed)."""
-    qf = featurize_queries(store, store_checkpoints(store), queries, query_timesteps, noise_draws, progress=progress)
+    influence_curve.png / appearances_vs_norm.png. Exact top-k (no index needed). ``ckpts``: the store's
+    checkpoints [default: read from the directory the store records]."""
+    qf = featurize_queries(store, ckpts or store_checkpoints(store), queries, query_timesteps, noise_draws,
+                           progress=progress)
     per_method = {}
     for method in methods:
         result = attribute(store, qf, method, top_k, exact=True)
@@ -75,12 +79,16 @@ def self_influence_report(
     noise_draws: int = 2,
     methods: tuple[str, ...] = ("tracin", "retrac", "cosine"),
     progress: bool = True,
+    ckpts: CheckpointSet | None = None,
+    train: ImageSet | None = None,
 ) -> dict:
     """self_influence.json: every training sample's score against itself per method, highest first lists,
     self_influence.png (histograms) and self_influence_top.png (the 12 highest training images per method, with
-    their ids or file names). High self-influence flags outliers and mislabeled images."""
-    train = store_dataset(store)
-    own = featurize_queries(store, store_checkpoints(store), train, query_timesteps, noise_draws, progress=progress)
+    their ids or file names). High self-influence flags outliers and mislabeled images. ``ckpts`` and ``train``:
+    the store's checkpoints and training data [default: read from where the store records them]."""
+    train = train if train is not None else store_dataset(store)
+    own = featurize_queries(store, ckpts or store_checkpoints(store), train, query_timesteps, noise_draws,
+                            progress=progress)
     ids = store.ids()
     scores = {m: analysis.self_influence(store, own, m) for m in methods}
     out.mkdir(parents=True, exist_ok=True)

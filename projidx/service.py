@@ -31,12 +31,15 @@ from projidx.store import FeatureStore
 class QueryService:
     """A store kept warm: checkpoints' weights, indices (loaded on first use, checked once) and training names."""
 
-    def __init__(self, store_path: str, device: str = "cpu") -> None:
+    def __init__(self, store_path: str, device: str = "cpu", checkpoints: list[str] | None = None,
+                 train_data: str | None = None) -> None:
+        """``checkpoints`` and ``train_data``: where the store's checkpoints and training data are now [default:
+        where the store records them]."""
         self.store = FeatureStore.open(store_path)
-        self.ckpts = store_checkpoints(self.store)
+        self.ckpts = store_checkpoints(self.store, checkpoints)
         self.state_dicts = load_state_dicts(self.ckpts)
         self.device = device
-        self.names = store_dataset(self.store) if has_file_names(self.store) else None
+        self.names = store_dataset(self.store, train_data) if has_file_names(self.store, train_data) else None
         self.indices: dict[str, SearchIndex] = {}
         self.lock = threading.Lock()  # one gradient computation at a time: the model is shared
 

@@ -16,18 +16,19 @@ float16 features in range whatever the gradient scale. G = 1 in replay mode, K i
 is chunked along N only, with ``chunk_rows`` rows, and carries a crc32c checksum per chunk; float arrays
 are NaN-filled, so a corrupted, truncated or deleted chunk is detected on read and named. The done record
 binds a chunk's content to its place (a chunk object copied into another row-chunk or checkpoint fails it),
-and the root metadata carries its own digest (an edited ``n`` or grid is refused). A new store is built under
-a temporary name and renamed into place, so an interrupted creation leaves nothing at the store's path; one
-writer at a time holds ``STORE.lock`` (:class:`WriterLock`).
+and the root metadata carries its own digest (an edited ``n`` or grid is refused). A store lives at a local path
+or an fsspec URL (:mod:`projidx.locations`). A new store is created whole: locally built under a temporary name
+and renamed into place, on an object store uploaded with its root metadata last, so an interrupted creation
+leaves nothing that opens as a store. One writer at a time holds ``STORE.lock`` (:class:`WriterLock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -42,6 +43,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 
 from projidx.diffusion import NoiseSchedule
 from projidx.errors import ProjidxError, one_line
+from projidx.locations import ROOT, Location
 from projidx.projection import ProjectorSpec
 
 FORMAT_VERSION = 2  # 2: done records are content digests; the metadata carries a digest
@@ -236,33 +238,74 @@ class Chunk:
 
 
 class WriterLock:
-    """The one-writer guarantee: an exclusive advisory lock (``fcntl.flock``) on ``STORE.lock`` next to the store,
-    held by ``featurize`` and ``index`` for their whole run. A second writer gets a one-line refusal naming the
-    holder. The kernel drops the lock when its process ends, however it ends (kill -9 included). Under torchrun
-    rank 0 holds it for every rank (:func:`projidx.featurization.featurize`)."""
+    """The one-writer guarantee: ``featurize`` and ``index`` hold ``STORE.lock``, next to the store, for their whole
+    run; a second writer gets a one-line refusal naming the holder. Under torchrun rank 0 holds it for every rank
+    (:func:`projidx.featurization.featurize`).
 
-    def __init__(self, store_path: str | Path) -> None:
-        self.path = Path(store_path).with_name(Path(store_path).name + ".lock")
+    On the local file system (paths and file:// URLs) it is an exclusive advisory lock (``fcntl.flock``) on that
+    file, which the kernel drops when its process ends, however it ends (kill -9 included). Object stores have no
+    such lock: there ``STORE.lock`` is an object naming its holder, created only where none exists
+    (:meth:`Location.create_exclusive`) and deleted on exit. A writer killed outright leaves it behind: one whose
+    process is gone from this host is taken over, any other is named in the refusal, to be deleted by hand."""
+
+    def __init__(self, store_path: str | Path | Location) -> None:
+        self.store = Location.parse(store_path)
+        self.lock = self.store.sibling(".lock")
         self._file = None
+        self._object: str | None = None
 
     def __enter__(self) -> WriterLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "command": " ".join(os.path.basename(a) if i == 0 else a
+                                                 for i, a in enumerate(sys.argv[:3]))})
+        if self.lock.local is not None:
+            self._flock(self.lock.local, holder)
+        else:
+            self._create_object(holder)
+        return self
+
+    def _flock(self, path: Path, holder: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")  # noqa: SIM115 (held until __exit__)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            current = f.read()
             f.close()
-            raise ProjidxError(f"store {self.path.with_suffix('')} is being written by {holder}; wait for it to"
-                               " finish (or stop it), then re-run") from None
+            raise self._busy(current) from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                f" ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:3]))} ...)")
+        f.write(holder)
         f.flush()
         self._file = f
-        return self
+
+    def _create_object(self, holder: str) -> None:
+        current = ""
+        for _ in range(3):
+            if self.lock.create_exclusive(holder.encode()):
+                self._object = holder
+                return
+            try:
+                current = self.lock.read_text()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if not _died_here(current):
+                break
+            with contextlib.suppress(FileNotFoundError):
+                if self.lock.read_text() == current:  # not taken over by another writer meanwhile
+                    self.lock.unlink()  # its writer's process is gone from this host: take the lock over
+        raise self._busy(current, f"; if that run is gone, delete {self.lock}")
+
+    def _busy(self, holder: str, hint: str = "") -> ProjidxError:
+        try:
+            h = json.loads(holder)
+            who = f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']} ...)"
+        except (ValueError, TypeError, KeyError):
+            who = holder.strip() or "another process"
+        return ProjidxError(f"store {self.store} is being written by {who}; wait for it to finish (or stop it), then"
+                            f" re-run{hint}")
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
@@ -270,12 +313,40 @@ class WriterLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+        if self._object is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if self.lock.read_text() == self._object:  # still ours
+                    self.lock.unlink()
+            self._object = None
+
+
+def _died_here(holder: str) -> bool:
+    """Whether a lock object's holder was a process of this host that no longer runs."""
+    try:
+        h = json.loads(holder)
+        if h["host"] != socket.gethostname():
+            return False
+        os.kill(int(h["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, TypeError, KeyError, PermissionError):
+        return False
+    return False
+
+
+def store_exists(path: str | Path | Location) -> bool:
+    """Whether ``featurize`` finds a store to resume at ``path`` rather than creating one: anything at a local path;
+    on an object store a root ``zarr.json`` (objects without one are an interrupted creation, which
+    :meth:`FeatureStore.create` replaces)."""
+    location = Location.parse(path)
+    return location.exists() if location.local is not None else (location / ROOT).exists()
 
 
 class FeatureStore:
-    """A feature store on disk. Create with :meth:`create`, open with :meth:`open`."""
+    """A feature store at a local path or an fsspec URL (``path``, a :class:`Location`). Create with
+    :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, path: Path, group: zarr.Group, meta: StoreMeta, uuid: str, version: int = FORMAT_VERSION):
+    def __init__(self, path: Location, group: zarr.Group, meta: StoreMeta, uuid: str, version: int = FORMAT_VERSION):
         self.path = path
         self.group = group
         self.meta = meta
@@ -284,36 +355,36 @@ class FeatureStore:
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
-        """Build the store's skeleton under a temporary name next to ``path``, then rename it into place: an
-        interrupted creation leaves no store at ``path`` (its leftover is removed by the next :meth:`create`)."""
-        path = Path(path)
-        if path.exists():
-            raise ProjidxError(f"store {path} already exists")
+    def create(cls, path: str | Path | Location, meta: StoreMeta, ids: np.ndarray) -> FeatureStore:
+        """Create the store's skeleton (every array's metadata, the ids, the root metadata last) whole at ``path``
+        (:meth:`Location.create_zarr`): an interrupted creation leaves nothing that opens as a store."""
+        location = Location.parse(path)
+        if store_exists(location):
+            raise ProjidxError(f"store {location} already exists")
         if ids.shape != (meta.n,):
             raise ValueError("ids must have shape (n,)")
-        for stale in path.parent.glob(f".{path.name}.creating-*"):
-            shutil.rmtree(stale, ignore_errors=True)
         token = uuidlib.uuid4().hex
-        tmp = path.with_name(f".{path.name}.creating-{token}")
-        group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        for name, (shape, chunks, dtype, fill) in expected_arrays(meta).items():
-            _array(group, name, shape, chunks, dtype, fill)
-        group["ids"][:] = ids.astype(np.int64)
-        attrs = {**meta.to_dict(), "uuid": token}
-        group.attrs["projidx"] = {**attrs, "digest": meta_digest(attrs)}
-        os.rename(tmp, path)
-        return cls.open(path, mode="r+")
+
+        def build(target) -> None:
+            group = zarr.open_group(target, mode="w-", zarr_format=3)
+            for name, (shape, chunks, dtype, fill) in expected_arrays(meta).items():
+                _array(group, name, shape, chunks, dtype, fill)
+            group["ids"][:] = ids.astype(np.int64)
+            attrs = {**meta.to_dict(), "uuid": token}
+            group.attrs["projidx"] = {**attrs, "digest": meta_digest(attrs)}
+
+        location.create_zarr(build)
+        return cls.open(location, mode="r+")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+    def open(cls, path: str | Path | Location, mode: str = "r") -> FeatureStore:
         """Open a store, checking its metadata digest and (read-only opens) that every array has the shape, chunks
         and dtype the metadata implies (ProjidxError naming what disagrees)."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        path = Location.parse(path)
+        if not (path / ROOT).is_file():
             raise ProjidxError(f"store {path}: not a projidx store (no zarr.json)")
         try:
-            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            group = zarr.open_group(path.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
             attrs = dict(group.attrs)["projidx"]
         except KeyError as e:
             raise ProjidxError(f"store {path}: not a projidx store (no projidx metadata)") from e
@@ -503,4 +574,4 @@ class FeatureStore:
             yield self.rows(chunk), self.read_chunk(cid, chunk, int(records[chunk]))
 
     def nbytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return self.path.nbytes()
