@@ -20,8 +20,10 @@ exact small per-sample gradients from the same captures (sum_p o_p * xhat_p and 
 sparse JL.
 
 The same capture gives every parameter's exact per-sample gradient (:meth:`Capture.gradient`: for a
-Conv2d weight, one weight-gradient convolution per sample), which any other projector kind projects as it
-would torch.func's gradients: cheaper than ``vmap(grad)`` on CPU (docs/performance.md).
+stride-1 Conv2d weight, one batched GEMM per kernel offset over shifted windows of the padded input,
+:func:`shifted_weight_grads`), which any other projector kind projects as it would torch.func's gradients,
+a few samples at a time: cheaper than ``vmap(grad)`` on CPU, and on the 10.7M-parameter UNet about as
+fast as the batched weight gradient of plain training (docs/performance.md).
 
 Supported layers: nn.Linear, nn.Conv2d (groups=1, zero padding), nn.GroupNorm, nn.LayerNorm. A model
 with trainable parameters in any other layer is refused (use another projector kind).
@@ -170,28 +172,33 @@ class Capture:
         inputs = torch.cat([self._per_sample(i) for _, i in pairs], dim=1)
         return LayerFactors(outgrads, inputs)
 
-    def weight_grad(self, module: str) -> torch.Tensor:
-        """(B, *weight shape) exact per-sample gradient of a Linear/Conv2d weight, summed over its calls.
+    def _rows(self, call: _Call, samples: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n R, ...) input and output gradient of ``call`` for the n samples ``samples`` (their R draws each)."""
+        rows = slice(samples.start * self.draws, samples.stop * self.draws)
+        return call.input[rows], call.outgrad[rows]
 
-        A Conv2d's comes from weight-gradient convolutions (:func:`conv_weight_grads`), the kernels the batched
-        backward pass uses, with no unfolded input; a Linear's is a batched product o^T i.
-        """
+    def weight_grad(self, module: str, samples: slice) -> torch.Tensor:
+        """(n, *weight shape) exact per-sample gradient of a Linear/Conv2d weight for the n samples ``samples``,
+        summed over the module's calls. A Conv2d's comes from :func:`conv_weight_grads`; a Linear's is a batched
+        product o^T i."""
+        n = samples.stop - samples.start
         total = None
         for call in self.calls[module]:
+            x, o = self._rows(call, samples)
             if isinstance(call.module, nn.Conv2d):
-                g = conv_weight_grads(call.module, call.input, call.outgrad, self.batch)
+                g = conv_weight_grads(call.module, x, o, n)
             else:
-                o, i = self._positions(call)
-                g = self._per_sample(o).transpose(1, 2) @ self._per_sample(i)
+                g = LayerFactors(o.reshape(n, -1, o.shape[-1]), x.reshape(n, -1, x.shape[-1])).materialize()
             total = g if total is None else total + g
         return total
 
-    def small_grad(self, module: str, param: str) -> torch.Tensor:
-        """(B, *shape) exact per-sample gradient of a bias or normalization parameter."""
+    def small_grad(self, module: str, param: str, samples: slice) -> torch.Tensor:
+        """(n, *shape) exact per-sample gradient of a bias or normalization parameter for ``samples``."""
+        n = samples.stop - samples.start
         total = None
         for call in self.calls[module]:
-            g = _small_grad(call, param)
-            g = g.reshape(self.batch, self.draws, *g.shape[1:]).sum(dim=1)
+            g = _small_grad(call.module, *self._rows(call, samples), param)
+            g = g.reshape(n, self.draws, *g.shape[1:]).sum(dim=1)
             total = g if total is None else total + g
         return total
 
@@ -200,42 +207,79 @@ class Capture:
         module, _, param = name.rpartition(".")
         return param == "weight" and isinstance(self.calls[module][0].module, (nn.Linear, nn.Conv2d))
 
-    def gradient(self, name: str) -> torch.Tensor:
-        """(B, *shape) exact per-sample gradient of parameter ``name``."""
+    def gradient(self, name: str, samples: slice | None = None) -> torch.Tensor:
+        """(n, *shape) exact per-sample gradient of parameter ``name`` for ``samples`` (default: all B)."""
+        samples = samples or slice(0, self.batch)
         module, _, param = name.rpartition(".")
-        return self.weight_grad(module) if self.is_weight(name) else self.small_grad(module, param)
+        return self.weight_grad(module, samples) if self.is_weight(name) else self.small_grad(module, param, samples)
 
 
-GROUPED_MAX_CHANNELS = 128  # conv_weight_grads: one grouped convolution up to this many channels, else a loop
+GROUPED_MAX_CHANNELS = 128  # strided conv_weight_grads: one grouped convolution up to this many channels
 
 
 def conv_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.Tensor, batch: int) -> torch.Tensor:
     """(B, C_out, C_in, kh, kw) per-sample weight gradients of a Conv2d from inputs (B*R, C_in, H, W) and output
     gradients (B*R, C_out, H', W'), rows b*R .. b*R+R-1 being sample b's draws (summed).
 
-    With few channels each (2 .. GROUPED_MAX_CHANNELS in and out) one grouped convolution with the samples as
-    groups, else one convolution per sample: whichever was faster on CPU (oneDNN; docs/performance.md). A
-    function of the shapes only, so a result never depends on timing; both are exact.
+    Stride 1: :func:`shifted_weight_grads` (one batched GEMM per kernel offset, no unfolded input). Strided: with
+    few channels (2 .. GROUPED_MAX_CHANNELS in and out) one grouped convolution with the samples as groups, else
+    a batched product of the unfolded input. Whichever was fastest per layer shape on CPU (docs/performance.md);
+    a function of the shapes only, so a result never depends on timing; all are exact.
     """
+    if module.stride == (1, 1):
+        return shifted_weight_grads(module, inputs, outgrads, batch)
     c_in, c_out = inputs.shape[1], outgrads.shape[1]
     draws = inputs.shape[0] // batch
-    args = (module.stride, module.padding, module.dilation)
     if min(c_in, c_out) >= 2 and max(c_in, c_out) <= GROUPED_MAX_CHANNELS:
         def by_sample(x: torch.Tensor) -> torch.Tensor:  # (B*R, C, H, W) -> (R, B*C, H, W)
             return x.reshape(batch, draws, *x.shape[1:]).transpose(0, 1).reshape(draws, -1, *x.shape[2:])
 
         shape = (batch * c_out, *module.weight.shape[1:])
-        g = torch.nn.grad.conv2d_weight(by_sample(inputs), shape, by_sample(outgrads), *args, groups=batch)
+        g = torch.nn.grad.conv2d_weight(by_sample(inputs), shape, by_sample(outgrads), module.stride,
+                                        module.padding, module.dilation, groups=batch)
         return g.reshape(batch, *module.weight.shape)
-    return torch.stack([
-        torch.nn.grad.conv2d_weight(inputs[b * draws:(b + 1) * draws], module.weight.shape,
-                                    outgrads[b * draws:(b + 1) * draws], *args)
-        for b in range(batch)])
+    cols = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                    stride=module.stride)  # (B*R, C_in kh kw, P)
+    o = outgrads.flatten(2).transpose(1, 2).reshape(batch, -1, c_out)
+    i = cols.transpose(1, 2).reshape(batch, -1, cols.shape[1])
+    return LayerFactors(o, i).materialize().reshape(batch, *module.weight.shape)
 
 
-def _small_grad(call: _Call, param: str) -> torch.Tensor:
-    """(B*R, *shape) per-row gradient of ``param`` (bias / norm weight) of one call."""
-    m, x, o = call.module, call.input, call.outgrad
+def shifted_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.Tensor, batch: int) -> torch.Tensor:
+    """:func:`conv_weight_grads` of a stride-1 Conv2d: G_b[:, :, i, j] = sum_p o_b,p x_b,p+s_ij^T, one batched
+    GEMM (over the samples) per kernel offset (i, j).
+
+    The input is zero-padded and flattened with the padded row width W_p, so the window of offset (i, j) is the
+    contiguous slice starting at s_ij = i dh W_p + j dw; the output gradients are padded with W_p - W' zero
+    columns to the same width, which cancels the terms that wrap around a row. One more zero row at the bottom
+    keeps the last offset's slice inside the input. The same sums as the batched weight gradient, with no
+    unfolded copy of the input (kh kw times its size).
+    """
+    rows, c_in, _, width = inputs.shape
+    c_out, h_out, w_out = outgrads.shape[1:]
+    draws = rows // batch
+    (kh, kw), (ph, pw), (dh, dw) = module.kernel_size, module.padding, module.dilation
+    padded_width = width + 2 * pw
+    tail = 1 if kw > 1 else 0
+    x = F.pad(inputs, (pw, pw, ph, ph + tail)).flatten(2).reshape(batch, draws, c_in, -1)
+    o = F.pad(outgrads, (0, padded_width - w_out)).flatten(2).reshape(batch, draws, c_out, -1)
+    span = h_out * padded_width
+    g = outgrads.new_empty(kh * kw, batch, c_out, c_in)
+    for i in range(kh):
+        for j in range(kw):
+            start = i * dh * padded_width + j * dw
+            for r in range(draws):
+                window = x[:, r, :, start:start + span].transpose(1, 2)  # (B, span, C_in)
+                if r == 0:
+                    torch.bmm(o[:, r], window, out=g[i * kw + j])
+                else:
+                    g[i * kw + j].baddbmm_(o[:, r], window)
+    return g.permute(1, 2, 3, 0).reshape(batch, c_out, c_in, kh, kw)
+
+
+def _small_grad(m: nn.Module, x: torch.Tensor, o: torch.Tensor, param: str) -> torch.Tensor:
+    """(rows, *shape) per-row gradient of ``param`` (bias / norm weight) of module ``m`` from its input x and
+    output gradient o."""
     if isinstance(m, nn.Conv2d):
         return o.sum(dim=(2, 3))  # bias
     if isinstance(m, nn.Linear):
@@ -386,8 +430,22 @@ def project_capture(projector: Projector, capture: Capture, names: list[str], gr
                 shape_o, shape_i = (batch // groups, -1, o.shape[-1]), (batch // groups, -1, i.shape[-1])
                 mean_sq += layer_sq_norms(o.reshape(shape_o) / groups, i.reshape(shape_i))
         else:
-            projector.add_parameter(out, sq, mean_sq, name, capture.gradient(name).reshape(batch, -1), groups)
+            numel = math.prod(projector.spec.param_shapes[name])
+            for rows in sample_slices(batch, groups, numel):
+                g = capture.gradient(name, rows).reshape(rows.stop - rows.start, -1)
+                projector.add_parameter(out[rows], sq[rows], mean_sq[rows.start // groups:rows.stop // groups], name,
+                                        g, groups, scratch=True)
     return out, sq, (sq if groups == 1 else mean_sq)
+
+
+SLICE_BYTES = 64 * 2**20  # per-sample gradients formed at a time: a bound on their memory (larger slices batch better)
+
+
+def sample_slices(batch: int, groups: int, numel: int) -> list[slice]:
+    """Consecutive slices of the ``batch`` samples, whole groups of ``groups`` each, whose float32 gradients of
+    ``numel`` entries fit in SLICE_BYTES (at least one group)."""
+    per = max(1, SLICE_BYTES // (4 * numel * groups)) * groups
+    return [slice(start, min(start + per, batch)) for start in range(0, batch, per)]
 
 
 def _use_factors(projector: FactorizedProjector, capture: Capture, name: str, groups: int) -> bool:

@@ -182,18 +182,20 @@ class Projector:
         return out, sq, (sq if groups == 1 else mean_sq)
 
     def add_parameter(
-        self, out: torch.Tensor, sq: torch.Tensor, mean_sq: torch.Tensor, name: str, g: torch.Tensor, groups: int
+        self, out: torch.Tensor, sq: torch.Tensor, mean_sq: torch.Tensor, name: str, g: torch.Tensor, groups: int,
+        scratch: bool = False,
     ) -> None:
         """Fold one parameter's per-sample gradient g (B, p_name) into out (B, k) += P_name g, sq (B,) += ||g||^2
-        and, for groups > 1, mean_sq (B/groups,) += ||mean over each group of g||^2."""
-        g = g.to(self.device, torch.float32)
-        sq += g.square().sum(dim=1)
+        and, for groups > 1, mean_sq (B/groups,) += ||mean over each group of g||^2. With ``scratch`` the caller
+        gives g up: the projection may overwrite it instead of allocating a copy."""
+        moved = g.to(self.device, torch.float32)
+        sq += moved.square().sum(dim=1)
         if groups > 1:
-            mean_sq += g.reshape(g.shape[0] // groups, groups, -1).mean(dim=1).square().sum(dim=1)
-        self._accumulate(out, name, g)
+            mean_sq += moved.reshape(moved.shape[0] // groups, groups, -1).mean(dim=1).square().sum(dim=1)
+        self._accumulate(out, name, moved, scratch or moved is not g)
 
-    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor) -> None:
-        """out (B, k) += P_name g, with g (B, p_name)."""
+    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor, scratch: bool) -> None:
+        """out (B, k) += P_name g, with g (B, p_name); g may be overwritten if ``scratch``."""
         raise NotImplementedError
 
 
@@ -214,10 +216,16 @@ class SJLTProjector(Projector):
             self._hash[name] = (rows.to(self.device), signs.to(self.device))
         return self._hash[name]
 
-    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor) -> None:
+    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor, scratch: bool) -> None:
         rows, signs = self.buckets(name)
-        for j in range(rows.shape[0]):
-            out.index_add_(1, rows[j], g * signs[j])
+        if not scratch:
+            for j in range(rows.shape[0]):
+                out.index_add_(1, rows[j], g * signs[j])
+            return
+        # in place: g * signs[j] is (g * signs[j-1]) * (+-1), exactly (a sign flip rounds nothing)
+        out.index_add_(1, rows[0], g.mul_(signs[0]))
+        for j in range(1, rows.shape[0]):
+            out.index_add_(1, rows[j], g.mul_(signs[j].sign() * signs[j - 1].sign()))
 
 
 def sylvester_hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -287,7 +295,7 @@ class SRHTProjector(Projector):
                     self._hadamards[size] = sylvester_hadamard(size, self.device)
         return self._blocks[key]
 
-    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor) -> None:
+    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor, scratch: bool) -> None:
         scale = 1.0 / math.sqrt(self.spec.proj_dim)
         for index, (start, stop) in enumerate(srht_blocks(g.shape[1])):
             signs, rows = self.block(name, index, stop - start)
@@ -328,7 +336,7 @@ class DenseProjector(Projector):
                 self._cached_bytes += size
         return raw.float() / math.sqrt(self.spec.proj_dim)
 
-    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor) -> None:
+    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor, scratch: bool) -> None:
         p = g.shape[1]
         for index, start in enumerate(range(0, p, DENSE_BLOCK)):
             stop = min(start + DENSE_BLOCK, p)
@@ -355,10 +363,10 @@ class FactorizedProjector(Projector):
             self._factors[name] = (p_o.to(self.device), p_i.to(self.device))
         return self._factors[name]
 
-    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor) -> None:
+    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor, scratch: bool) -> None:
         shape = self.spec.param_shapes[name]
         if not is_factorized_weight(shape):
-            self.sjlt._accumulate(out, name, g)
+            self.sjlt._accumulate(out, name, g, scratch)
             return
         p_o, p_i = self.factors(name)
         d_out, d_in = shape[0], math.prod(shape[1:])
@@ -381,7 +389,7 @@ class FactorizedProjector(Projector):
 
 
 class IdentityProjector(Projector):
-    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor) -> None:
+    def _accumulate(self, out: torch.Tensor, name: str, g: torch.Tensor, scratch: bool) -> None:
         start = sum(math.prod(s) for n, s in self.spec.param_shapes.items() if n < name)
         out[:, start : start + g.shape[1]] = g
 

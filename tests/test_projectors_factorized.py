@@ -177,3 +177,51 @@ def test_featurize_factorized_matches_projecting_full_gradients(tmp_path, tiny_c
             start += size
         ref = proj.project(grads).reshape(len(data), -1, 64).numpy()
         np.testing.assert_allclose(fact.group[f"features/{cid}"][:], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),  # stride 1: shifted GEMMs
+    dict(in_channels=2, out_channels=4, kernel_size=(3, 2), padding=(0, 2), dilation=(2, 1)),  # non-square, dilated
+    dict(in_channels=3, out_channels=2, kernel_size=1),  # 1x1
+    dict(in_channels=1, out_channels=3, kernel_size=5, padding=2),  # one input channel
+    dict(in_channels=4, out_channels=3, kernel_size=3, stride=2, padding=1),  # strided, few channels: grouped
+    dict(in_channels=1, out_channels=3, kernel_size=3, stride=(2, 1), padding=1),  # strided, one channel: unfolded
+    dict(in_channels=130, out_channels=3, kernel_size=3, stride=2, padding=1),  # strided, many channels: unfolded
+])
+@pytest.mark.parametrize("draws", [1, 3])
+def test_per_sample_conv_weight_gradients_equal_one_convolution_backward_per_sample(conv, draws):
+    """Every kernel path of conv_weight_grads against its definition: the weight gradient of each sample's summed
+    draws, from autograd on that sample alone."""
+    torch.manual_seed(0)
+    module = nn.Conv2d(**conv, bias=False)
+    batch = 3
+    x = torch.randn(batch * draws, conv["in_channels"], 9, 7)
+    outgrads = torch.randn_like(module(x))
+    got = factorized.conv_weight_grads(module, x, outgrads, batch)
+    for b in range(batch):
+        rows = slice(b * draws, (b + 1) * draws)
+        (ref,) = torch.autograd.grad((module(x[rows]) * outgrads[rows]).sum(), module.weight)
+        torch.testing.assert_close(got[b], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sjlt", "factorized"])
+def test_gradients_formed_a_few_samples_at_a_time_project_as_a_whole_batch(monkeypatch, kind):
+    """project_capture forms per-sample gradients in slices of whole groups (and SJLT overwrites them in place):
+    the same projection and norms as projecting the whole batch's gradients at once."""
+    torch.manual_seed(0)
+    model = TinyEps()
+    x0, t, eps = _batch()
+    proj = make_projector(ProjectorSpec(kind, 64, parameter_shapes(model), seed=5, sparsity=2))
+    fg = FactorizedGradients(model, NoiseSchedule(), "mse")
+    capture = fg.capture(x0, t, eps)
+    grads = {name: capture.gradient(name) for name in fg.names}
+    ref = proj.project_with_norms({name: g.clone() for name, g in grads.items()}, groups=3)
+    monkeypatch.setattr(factorized, "factors_are_cheaper", lambda *args: False)
+    monkeypatch.setattr(factorized, "SLICE_BYTES", 1)  # one group (3 rows) per slice
+    assert factorized.sample_slices(6, 3, 10) == [slice(0, 3), slice(3, 6)]
+    got = project_capture(proj, capture, fg.names, groups=3)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    again = proj.project_with_norms(grads, groups=3)  # without scratch the caller's gradients are left alone
+    assert all(torch.equal(g, capture.gradient(name)) for name, g in grads.items())
+    assert torch.equal(again[0], ref[0])
