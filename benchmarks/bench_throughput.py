@@ -15,6 +15,10 @@ recorded before every measurement; this machine is shared):
   the earlier paths, torch.func ``vmap`` + ``sjlt`` and ``factorized`` from factors at every layer. The hooks
   path is also split into its parts: the capture (forward + backward to the layer outputs), the per-sample
   gradients formed from it, and the projection.
+- **per-layer kernels** (``--kernels``): per distinct Conv2d shape of each model, the per-sample weight-gradient
+  kernels of projidx.factorized (shifted GEMMs, grouped convolution, unfolded product, and a loop of one
+  weight-gradient convolution per sample) against the batched weight gradient of plain training (not per sample:
+  the same multiply-adds in one call), medians of alternating rounds, and the kernel ``conv_weight_grads`` picks.
 
 Run from the repository root: .venv/bin/python benchmarks/bench_throughput.py [--quick] [--out FILE.json]
 """
@@ -187,6 +191,58 @@ def in_process(model_cfg: Model, reps: int, log: Callable[[str], None]) -> dict:
             "hooks_over_vmap_sjlt": seconds["sjlt (vmap, before)"] / seconds["sjlt (hooks)"]}
 
 
+def _loop_weight_grads(module: torch.nn.Conv2d, inputs: torch.Tensor, outgrads: torch.Tensor,
+                       batch: int) -> torch.Tensor:
+    """One weight-gradient convolution per sample (the kernel the batched pass uses, B times)."""
+    draws = inputs.shape[0] // batch
+    return torch.stack([torch.nn.grad.conv2d_weight(inputs[b * draws:(b + 1) * draws], module.weight.shape,
+                                                    outgrads[b * draws:(b + 1) * draws], module.stride,
+                                                    module.padding, module.dilation) for b in range(batch)])
+
+
+KERNELS = {"shifted": factorized.shifted_weight_grads, "grouped": factorized.grouped_weight_grads,
+           "unfolded": factorized.unfolded_weight_grads, "loop": _loop_weight_grads}
+
+
+def kernels(model_cfg: Model, reps: int, log: Callable[[str], None]) -> dict:
+    """Per distinct Conv2d shape: ms per batch of each per-sample weight-gradient kernel, and of the batched one."""
+    torch.manual_seed(0)
+    model = SmallUNet(model_cfg.unet).eval()
+    gen = torch.Generator().manual_seed(0)
+    b = model_cfg.batch
+    x0 = torch.rand(b, *model_cfg.shape, generator=gen) * 2 - 1
+    t = torch.randint(0, 1000, (b,), generator=gen)
+    eps = torch.randn(b, 1, *model_cfg.shape, generator=gen)
+    capture = FactorizedGradients(model, NoiseSchedule(), "mse").capture(x0, t, eps)
+    layers: dict[str, dict] = {}
+    for calls in capture.calls.values():
+        m = calls[0].module
+        if not isinstance(m, torch.nn.Conv2d):
+            continue
+        x, o = calls[0].input, calls[0].outgrad
+        key = f"{tuple(m.weight.shape)} at {tuple(o.shape[2:])} stride {m.stride[0]}"
+        if key in layers:
+            layers[key]["layers"] += 1
+            continue
+        fns: dict[str, Callable[[], object]] = {"batched (not per sample)": lambda m=m, x=x, o=o: (
+            torch.nn.grad.conv2d_weight(x, m.weight.shape, o, m.stride, m.padding, m.dilation))}
+        for kname, kernel in KERNELS.items():
+            if kname != "shifted" or m.stride == (1, 1):
+                fns[kname] = lambda kernel=kernel, m=m, x=x, o=o: kernel(m, x, o, b)
+        seconds, _ = timed_rounds(fns, reps, 1)
+        chosen = next(k for k, f in KERNELS.items() if torch.equal(factorized.conv_weight_grads(m, x, o, b),
+                                                                    f(m, x, o, b)))
+        layers[key] = {"layers": 1, "ms": {k: 1e3 * v for k, v in seconds.items()}, "chosen": chosen}
+        log(f"  {model_cfg.name:<14} {key:<36} " + " ".join(f"{k.split()[0]} {v * 1e3:6.1f}"
+                                                              for k, v in seconds.items()) + f"  -> {chosen}")
+    totals = {k: sum(r["layers"] * r["ms"].get(k, r["ms"][r["chosen"]]) for r in layers.values())
+              for k in ["batched (not per sample)", *KERNELS]}
+    totals["chosen"] = sum(r["layers"] * r["ms"][r["chosen"]] for r in layers.values())
+    return {"batch": b, "layers": layers, "total_ms": totals,
+            "note": "totals over every conv layer; a kernel that does not apply (shifted on a strided layer)"
+                    " counts as the chosen one"}
+
+
 def main() -> None:
     if os.environ.get("OMP_WAIT_POLICY") is None:
         # OpenMP threads that spin while waiting slow torch down badly when other processes share the cores
@@ -195,6 +251,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/bench_throughput.json")
     p.add_argument("--models", default=",".join(MODELS), help="in-process models (comma-separated; '' for none)")
     p.add_argument("--whole", action=argparse.BooleanOptionalAction, default=True, help="the whole-process part")
+    p.add_argument("--kernels", default="", help="models whose per-layer conv kernels to time (comma-separated)")
     p.add_argument("--n", type=int, default=297, help="images trained on and featurized (whole process; at most 297"
                    " held-out digits exist)")
     p.add_argument("--epochs", type=int, default=4, help="training epochs (whole process)")
@@ -217,6 +274,9 @@ def main() -> None:
     for name in filter(None, args.models.split(",")):
         report["in_process"][name] = in_process(MODELS[name], args.reps, log)
         out.write_text(json.dumps(report, indent=1))  # each part kept as soon as it is measured
+    for name in filter(None, args.kernels.split(",")):
+        report.setdefault("kernels", {})[name] = kernels(MODELS[name], args.reps, log)
+        out.write_text(json.dumps(report, indent=1))
     if args.whole:
         report["whole_process_28x28"] = whole_process(args.n, args.epochs, args.reps, args.baseline_src, log)
     report["machine"]["load_at_end"] = load()
@@ -226,6 +286,10 @@ def main() -> None:
         for variant, r in res["rows"].items():
             print(f"{name:<14} {variant:<42} {r['per_s']:8.1f} {r['x_plain']:8.2f}")
         print(f"{name:<14} {'auto (factorized) / sjlt':<42} {res['auto_over_sjlt']:8.2f}")
+    for name, res in report.get("kernels", {}).items():
+        print(f"\n{name}: per-sample conv weight gradients, ms per batch of {res['batch']}, all conv layers")
+        for kname, ms in res["total_ms"].items():
+            print(f"  {kname:<26} {ms:8.1f}")
     if "whole_process_28x28" in report:
         w = report["whole_process_28x28"]
         print(f"\nwhole process, 28x28x1, N = {w['n_featurized']}: median samples/s (x train)")

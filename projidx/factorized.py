@@ -229,18 +229,30 @@ def conv_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.T
     if module.stride == (1, 1):
         return shifted_weight_grads(module, inputs, outgrads, batch)
     c_in, c_out = inputs.shape[1], outgrads.shape[1]
-    draws = inputs.shape[0] // batch
     if min(c_in, c_out) >= 2 and max(c_in, c_out) <= GROUPED_MAX_CHANNELS:
-        def by_sample(x: torch.Tensor) -> torch.Tensor:  # (B*R, C, H, W) -> (R, B*C, H, W)
-            return x.reshape(batch, draws, *x.shape[1:]).transpose(0, 1).reshape(draws, -1, *x.shape[2:])
+        return grouped_weight_grads(module, inputs, outgrads, batch)
+    return unfolded_weight_grads(module, inputs, outgrads, batch)
 
-        shape = (batch * c_out, *module.weight.shape[1:])
-        g = torch.nn.grad.conv2d_weight(by_sample(inputs), shape, by_sample(outgrads), module.stride,
-                                        module.padding, module.dilation, groups=batch)
-        return g.reshape(batch, *module.weight.shape)
+
+def grouped_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.Tensor, batch: int) -> torch.Tensor:
+    """:func:`conv_weight_grads` as one weight-gradient convolution per draw with the B samples as groups."""
+    draws = inputs.shape[0] // batch
+
+    def by_sample(x: torch.Tensor) -> torch.Tensor:  # (B*R, C, H, W) -> (R, B*C, H, W)
+        return x.reshape(batch, draws, *x.shape[1:]).transpose(0, 1).reshape(draws, -1, *x.shape[2:])
+
+    shape = (batch * outgrads.shape[1], *module.weight.shape[1:])
+    g = torch.nn.grad.conv2d_weight(by_sample(inputs), shape, by_sample(outgrads), module.stride, module.padding,
+                                    module.dilation, groups=batch)
+    return g.reshape(batch, *module.weight.shape)
+
+
+def unfolded_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.Tensor, batch: int) -> torch.Tensor:
+    """:func:`conv_weight_grads` as a batched product o^T i of the output gradients and the unfolded (im2col)
+    input, kh kw times the input's size."""
     cols = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding,
                     stride=module.stride)  # (B*R, C_in kh kw, P)
-    o = outgrads.flatten(2).transpose(1, 2).reshape(batch, -1, c_out)
+    o = outgrads.flatten(2).transpose(1, 2).reshape(batch, -1, outgrads.shape[1])
     i = cols.transpose(1, 2).reshape(batch, -1, cols.shape[1])
     return LayerFactors(o, i).materialize().reshape(batch, *module.weight.shape)
 

@@ -180,24 +180,28 @@ def test_featurize_factorized_matches_projecting_full_gradients(tmp_path, tiny_c
 
 
 @pytest.mark.parametrize("conv", [
-    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),  # stride 1: shifted GEMMs
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
     dict(in_channels=2, out_channels=4, kernel_size=(3, 2), padding=(0, 2), dilation=(2, 1)),  # non-square, dilated
     dict(in_channels=3, out_channels=2, kernel_size=1),  # 1x1
     dict(in_channels=1, out_channels=3, kernel_size=5, padding=2),  # one input channel
-    dict(in_channels=4, out_channels=3, kernel_size=3, stride=2, padding=1),  # strided, few channels: grouped
-    dict(in_channels=1, out_channels=3, kernel_size=3, stride=(2, 1), padding=1),  # strided, one channel: unfolded
-    dict(in_channels=130, out_channels=3, kernel_size=3, stride=2, padding=1),  # strided, many channels: unfolded
+    dict(in_channels=4, out_channels=3, kernel_size=3, stride=2, padding=1),  # strided, few channels
+    dict(in_channels=1, out_channels=3, kernel_size=3, stride=(2, 1), padding=1),  # strided, one channel
+    dict(in_channels=130, out_channels=3, kernel_size=3, stride=2, padding=1),  # strided, many channels
 ])
 @pytest.mark.parametrize("draws", [1, 3])
-def test_per_sample_conv_weight_gradients_equal_one_convolution_backward_per_sample(conv, draws):
-    """Every kernel path of conv_weight_grads against its definition: the weight gradient of each sample's summed
-    draws, from autograd on that sample alone."""
+@pytest.mark.parametrize("kernel", ["conv_weight_grads", "shifted_weight_grads", "grouped_weight_grads",
+                                    "unfolded_weight_grads"])
+def test_per_sample_conv_weight_gradients_equal_one_convolution_backward_per_sample(conv, draws, kernel):
+    """Every kernel (and the choice among them) against its definition: the weight gradient of each sample's
+    summed draws, from autograd on that sample alone."""
     torch.manual_seed(0)
     module = nn.Conv2d(**conv, bias=False)
+    if kernel == "shifted_weight_grads" and module.stride != (1, 1):
+        pytest.skip("stride 1 only")
     batch = 3
     x = torch.randn(batch * draws, conv["in_channels"], 9, 7)
     outgrads = torch.randn_like(module(x))
-    got = factorized.conv_weight_grads(module, x, outgrads, batch)
+    got = getattr(factorized, kernel)(module, x, outgrads, batch)
     for b in range(batch):
         rows = slice(b * draws, (b + 1) * draws)
         (ref,) = torch.autograd.grad((module(x[rows]) * outgrads[rows]).sum(), module.weight)
