@@ -4,7 +4,13 @@ One workload (the demo UNet, 2 checkpoints, N tiled digits, the default grid of 
 featurized from scratch into a fresh store by, in one run and in this order (repeated ``--repeats`` times):
 - ``1p1t``: ``python -m projidx featurize`` with one torch thread: one worker, as a torchrun rank has;
 - ``2p1t``: ``torchrun --standalone --nproc-per-node 2 -m projidx featurize``: 2 gloo ranks of one thread each;
-- ``1p2t``: ``python -m projidx featurize`` with two torch threads: the one-process run on 2 cores.
+- ``1p2t``: ``python -m projidx featurize`` with two torch threads: the one-process run on 2 cores;
+- ``halves``: two independent ``python -m projidx featurize`` processes of one thread at once, each on its half
+  of the images, into two stores: the same work as ``1p1t`` split by hand with no process group, no launcher and
+  no shared store. ``1p1t / halves`` is what this machine gives two processes (start-up paid twice, and whatever
+  two busy cores cost each other), the ceiling for ``2p1t``; its stores' rows, concatenated, are compared with
+  ``1p1t``'s features, norms, mean_norms and timesteps (bitwise where N / 2 is a multiple of the 256-row chunk:
+  a batch of other samples rounds differently).
 Wall seconds are the whole process (start-up, imports, rendezvous, writing), from launch to exit; CPU seconds
 are what all its processes used (the part of the cost that other jobs on the machine change least). Every store
 is compared array by array with the first ``1p1t`` store (bitwise: features, norms, mean_norms, timesteps, done
@@ -39,7 +45,9 @@ RUNS = {  # name: (launcher arguments before "-m projidx", OMP_NUM_THREADS)
     "1p1t": ([], 1),
     "2p1t": (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], 1),
     "1p2t": ([], 2),
+    "halves": ([], 1),
 }
+ROW_ARRAYS = ("features", "norms", "mean_norms", "timesteps")
 LOADED = 0.5  # a 1-minute load average above this before a run: other jobs share the cores
 
 
@@ -62,22 +70,45 @@ def arrays(store: Path) -> dict[str, bytes]:
 
 
 def featurize(name: str, work: Path, store: Path) -> dict:
-    """One whole-process featurize run from scratch; wall seconds and the load averages around it."""
+    """One whole-process featurize run from scratch (``halves``: its two processes at once, into ``store`` with
+    suffixes ``.a`` / ``.b``); wall seconds, CPU seconds and the load averages around it."""
     launcher, threads = RUNS[name]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, *launcher, "-m", "projidx", "featurize", "--checkpoints", str(work / "ck"), "--data",
-           str(work / "train.npz"), "--store", str(store)]
+    jobs = [("train.npz", store)] if name != "halves" else [("train_a.npz", half(store, "a")),
+                                                             ("train_b.npz", half(store, "b"))]
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    procs = [subprocess.Popen([sys.executable, *launcher, "-m", "projidx", "featurize", "--checkpoints",
+                               str(work / "ck"), "--data", str(work / data), "--store", str(out)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for data, out in jobs]
+    errors = [proc.communicate()[1] for proc in procs]
     wall = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # torchrun's ranks included: it waits for them
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed: {proc.stderr[-3000:]}")
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed: {err[-3000:]}")
     cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    return {"run": name, "threads_per_process": threads, "processes": 2 if launcher else 1, "seconds": wall,
-            "cpu_seconds": cpu, "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+    return {"run": name, "threads_per_process": threads, "processes": 1 if name in ("1p1t", "1p2t") else 2,
+            "seconds": wall, "cpu_seconds": cpu, "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+
+
+def half(store: Path, which: str) -> Path:
+    return store.with_suffix(f".{which}.zarr")
+
+
+def halves_equal(store: Path, reference: Path) -> list[str]:
+    """The per-row arrays of the two ``halves`` stores, rows concatenated, that differ from ``reference``'s."""
+    whole = FeatureStore.open(reference)
+    parts = [FeatureStore.open(half(store, w)) for w in "ab"]
+    differing = []
+    for cid in whole.meta.checkpoint_ids:
+        for a in ROW_ARRAYS:
+            joined = np.concatenate([np.asarray(p.group[f"{a}/{cid}"][:]) for p in parts])
+            if joined.tobytes() != np.asarray(whole.group[f"{a}/{cid}"][:]).tobytes():
+                differing.append(f"{a}/{cid}")
+    return differing
 
 
 def machine() -> dict:
@@ -93,42 +124,56 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512, help="training images")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the three runs")
     parser.add_argument("--out", default="benchmarks/results/bench_dist.json", help="JSON results file")
+    parser.add_argument("--runs", default=",".join(RUNS), help="which runs, in this order (1p1t first: the reference)")
     args = parser.parse_args()
+    runs = args.runs.split(",")
+    if runs[0] != "1p1t" or not set(runs) <= set(RUNS):
+        parser.error(f"--runs: 1p1t first, then any of {', '.join(RUNS)}")
     start = time.perf_counter()
     report: dict = {"machine": machine(), "n": args.n, "checkpoints": 2, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         images, ids = tiled_digits(args.n)
         np.savez(work / "train.npz", images=images, ids=ids)
+        cut = args.n // 2
+        np.savez(work / "train_a.npz", images=images[:cut], ids=ids[:cut])
+        np.savez(work / "train_b.npz", images=images[cut:], ids=ids[cut:])
         subprocess.run([sys.executable, "-m", "projidx", "train", "--data", str(work / "train.npz"), "--out",
                         str(work / "ck"), "--epochs", "2", "--checkpoints", "2"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         reference = None
         for rep in range(args.repeats):
-            for name in RUNS:
+            for name in runs:
                 store = work / f"{name}.zarr"
                 row = featurize(name, work, store)
-                got = arrays(store)
-                reference = reference or got
+                if name == "halves":
+                    row["differing_arrays"] = halves_equal(store, work / "reference.zarr")
+                    for w in "ab":
+                        shutil.rmtree(half(store, w))
+                else:
+                    got = arrays(store)
+                    if reference is None:
+                        reference = got
+                        shutil.copytree(store, work / "reference.zarr")
+                    row["differing_arrays"] = sorted(k for k in got if got[k] != reference[k])
+                    shutil.rmtree(store)
                 row["repeat"] = rep
-                row["bitwise_equal_to_1p1t"] = got == reference
-                row["differing_arrays"] = sorted(k for k in got if got[k] != reference[k])
+                row["bitwise_equal_to_1p1t"] = not row["differing_arrays"]
                 row["gradients_per_s"] = args.n * 2 * 10 / row["seconds"]
                 row["loaded"] = row["load_avg_before"][0] > LOADED
                 report["runs"].append(row)
                 print(f"[{time.perf_counter() - start:5.0f}s] {name} rep {rep}: {row['seconds']:.1f} s, load"
                       f" {row['load_avg_before'][0]:.2f} -> {row['load_avg_after'][0]:.2f},"
                       f" bitwise equal to 1p1t: {row['bitwise_equal_to_1p1t']}", flush=True)
-                shutil.rmtree(store)
-    best = {name: min(r["seconds"] for r in report["runs"] if r["run"] == name) for name in RUNS}
+    best = {name: min(r["seconds"] for r in report["runs"] if r["run"] == name) for name in runs}
     report["summary"] = {
         "best_seconds": best,
-        "speedup_2p1t_vs_1p1t": best["1p1t"] / best["2p1t"],
-        "speedup_2p1t_vs_1p2t": best["1p2t"] / best["2p1t"],
+        **{f"speedup_{a}_vs_{b}": best[b] / best[a] for a, b in [("2p1t", "1p1t"), ("2p1t", "1p2t"), ("halves", "1p1t")]
+           if a in best and b in best},
         "target_2p1t_vs_1p1t": 1.7,
-        "cpu_seconds": {name: min(r["cpu_seconds"] for r in report["runs"] if r["run"] == name) for name in RUNS},
-        "2p1t_bitwise_equal_to_1p1t": all(r["bitwise_equal_to_1p1t"] for r in report["runs"] if r["run"] == "2p1t"),
-        "1p2t_bitwise_equal_to_1p1t": all(r["bitwise_equal_to_1p1t"] for r in report["runs"] if r["run"] == "1p2t"),
+        "cpu_seconds": {name: min(r["cpu_seconds"] for r in report["runs"] if r["run"] == name) for name in runs},
+        **{f"{name}_equal_to_1p1t": all(r["bitwise_equal_to_1p1t"] for r in report["runs"] if r["run"] == name)
+           for name in runs[1:]},
         "any_run_loaded": any(r["loaded"] for r in report["runs"]),
         "max_load_avg_1min": max(max(r["load_avg_before"][0], r["load_avg_after"][0]) for r in report["runs"]),
     }

@@ -230,8 +230,7 @@ def kernels(model_cfg: Model, reps: int, log: Callable[[str], None]) -> dict:
             if kname != "shifted" or m.stride == (1, 1):
                 fns[kname] = lambda kernel=kernel, m=m, x=x, o=o: kernel(m, x, o, b)
         seconds, _ = timed_rounds(fns, reps, 1)
-        chosen = next(k for k, f in KERNELS.items() if torch.equal(factorized.conv_weight_grads(m, x, o, b),
-                                                                    f(m, x, o, b)))
+        chosen = next(k for k, f in KERNELS.items() if f is factorized.conv_weight_kernel(m))
         layers[key] = {"layers": 1, "ms": {k: 1e3 * v for k, v in seconds.items()}, "chosen": chosen}
         log(f"  {model_cfg.name:<14} {key:<36} " + " ".join(f"{k.split()[0]} {v * 1e3:6.1f}"
                                                               for k, v in seconds.items()) + f"  -> {chosen}")

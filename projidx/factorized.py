@@ -32,7 +32,7 @@ with trainable parameters in any other layer is refused (use another projector k
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -226,12 +226,17 @@ def conv_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.T
     a batched product of the unfolded input. Whichever was fastest per layer shape on CPU (docs/performance.md);
     a function of the shapes only, so a result never depends on timing; all are exact.
     """
+    return conv_weight_kernel(module)(module, inputs, outgrads, batch)
+
+
+def conv_weight_kernel(module: nn.Conv2d) -> Callable[[nn.Conv2d, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The kernel :func:`conv_weight_grads` uses for ``module``: a function of its stride and channels only."""
     if module.stride == (1, 1):
-        return shifted_weight_grads(module, inputs, outgrads, batch)
-    c_in, c_out = inputs.shape[1], outgrads.shape[1]
-    if min(c_in, c_out) >= 2 and max(c_in, c_out) <= GROUPED_MAX_CHANNELS:
-        return grouped_weight_grads(module, inputs, outgrads, batch)
-    return unfolded_weight_grads(module, inputs, outgrads, batch)
+        return shifted_weight_grads
+    channels = (module.in_channels, module.out_channels)
+    if min(channels) >= 2 and max(channels) <= GROUPED_MAX_CHANNELS:
+        return grouped_weight_grads
+    return unfolded_weight_grads
 
 
 def grouped_weight_grads(module: nn.Conv2d, inputs: torch.Tensor, outgrads: torch.Tensor, batch: int) -> torch.Tensor:
