@@ -145,15 +145,22 @@ def timed_rounds(fns: dict[str, Callable[[], object]], reps: int, per: int) -> t
     return {name: statistics.median(v) for name, v in times.items()}, loads
 
 
-def in_process(model_cfg: Model, reps: int, log: Callable[[str], None]) -> dict:
+def model_and_batch(model_cfg: Model) -> tuple[SmallUNet, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model (seeded weights, eval mode) and one seeded batch x0 (B, C, H, W), t (B,), eps (B, 1, C, H, W)."""
     torch.manual_seed(0)
     model = SmallUNet(model_cfg.unet).eval()
-    schedule = NoiseSchedule()
     gen = torch.Generator().manual_seed(0)
     b = model_cfg.batch
     x0 = torch.rand(b, *model_cfg.shape, generator=gen) * 2 - 1
     t = torch.randint(0, 1000, (b,), generator=gen)
     eps = torch.randn(b, 1, *model_cfg.shape, generator=gen)
+    return model, x0, t, eps
+
+
+def in_process(model_cfg: Model, reps: int, log: Callable[[str], None]) -> dict:
+    model, x0, t, eps = model_and_batch(model_cfg)
+    schedule = NoiseSchedule()
+    b = model_cfg.batch
     vmap = GradientComputer(model, schedule, "mse")
     hooks = FactorizedGradients(model, schedule, "mse")
     shapes = parameter_shapes(model)
@@ -206,13 +213,8 @@ KERNELS = {"shifted": factorized.shifted_weight_grads, "grouped": factorized.gro
 
 def kernels(model_cfg: Model, reps: int, log: Callable[[str], None]) -> dict:
     """Per distinct Conv2d shape: ms per batch of each per-sample weight-gradient kernel, and of the batched one."""
-    torch.manual_seed(0)
-    model = SmallUNet(model_cfg.unet).eval()
-    gen = torch.Generator().manual_seed(0)
+    model, x0, t, eps = model_and_batch(model_cfg)
     b = model_cfg.batch
-    x0 = torch.rand(b, *model_cfg.shape, generator=gen) * 2 - 1
-    t = torch.randint(0, 1000, (b,), generator=gen)
-    eps = torch.randn(b, 1, *model_cfg.shape, generator=gen)
     capture = FactorizedGradients(model, NoiseSchedule(), "mse").capture(x0, t, eps)
     layers: dict[str, dict] = {}
     for calls in capture.calls.values():
