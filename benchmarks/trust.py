@@ -1,7 +1,8 @@
 """The first checks a user tries, per (dataset x training-side setting x method): is a training image found for
 itself, for a near-copy, for a copy shifted by one pixel? (``projidx validate``, exact scan.)
 
-Training-side settings (``--settings``, MODE:GRID:NOISE): the defaults (grid of 10 bin midpoints, shared noise),
+Training-side settings (``--settings``, MODE:GRID:NOISE[:OBJECTIVE], the objective defaulting to featurize's): the
+defaults (grid of 10 bin midpoints, shared noise),
 the same with per-sample noise, the paper's grid (linspace(1, 999, 10)) with shared noise, and the paper's replay
 mode under both noise policies. Query side: ``projidx query``'s defaults for each store.
 
@@ -96,11 +97,12 @@ def main() -> None:
         ckpts = cached_model(data, train_config, args.cache)
         results["pixel_l2"][name] = pixel_baseline(data, args.samples, args.seed, args.sigma)
         for setting in args.settings.split(","):
-            mode, grid, noise = setting.split(":")
+            mode, grid, noise, *objective = setting.split(":")
             config = FeaturizeConfig(proj_dim=proj_dim, train_timesteps=mode, noise=noise,
-                                     grid=grid if grid != "-" else "midpoints")
+                                     grid=grid if grid != "-" else "midpoints",
+                                     objective=objective[0] if objective else FeaturizeConfig.objective)
             t0 = time.perf_counter()
-            store = featurize(ckpts, data, out / f"{name}-{mode}-{grid}-{noise}.zarr", config, progress=False)
+            store = featurize(ckpts, data, out / f"{name}-{setting.replace(':', '-')}.zarr", config, progress=False)
             featurize_s = time.perf_counter() - t0
             report = validate_store(store, ckpts, data, args.samples, args.seed, args.sigma)
             results["runs"].append({"dataset": name, "setting": setting, "featurize_s": featurize_s, **report})

@@ -15,11 +15,13 @@ from projidx.settings import (
     GRIDS,
     METHODS,
     NOISE_POLICIES,
+    OBJECTIVES,
     PROJECTOR_CHOICES,
     SCHEDULES,
     VALUE_RANGES,
     DataOptions,
     FeaturizeConfig,
+    MemorizationConfig,
 )
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
@@ -226,7 +228,7 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=FEATURIZE.dtype, show_default=True,
               help="Storage type of the unit projected gradients (norms are always float32).")
 @click.option("--device", default=FEATURIZE.device, show_default=True, help="Where gradients are computed.")
-@click.option("--objective", type=click.Choice(["loss", "dtrak"]), default=FEATURIZE.objective, show_default=True,
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=FEATURIZE.objective, show_default=True,
               help="Differentiate the training loss (the paper) or D-TRAK's mean squared model output.")
 @click.option("--train-draws", default=FEATURIZE.train_draws, show_default=True, type=click.IntRange(1),
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
@@ -628,6 +630,73 @@ def analyze_self_influence(store, out, query_timesteps, noise_draws, ckpt_dir, t
     report = self_influence_report(fs, Path(out), query_timesteps, noise_draws,
                                    ckpts=store_checkpoints(fs, ckpt_dir), train=store_dataset(fs, train_data))
     click.echo(json.dumps(report["highest"]))
+
+
+@main.group()
+def evaluate() -> None:
+    """Ground truth for attribution methods: retrain, generate, and measure."""
+
+
+MEMORIZATION = MemorizationConfig()
+
+
+@evaluate.command("memorization")
+@click.option("--data", required=True, help="DATA to plant copies in (labels, where it has them, score the rest).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the report, PNG, store.")
+@click.option("--base", default=MEMORIZATION.base, show_default=True, type=int, help="Unplanted rows (the first).")
+@click.option("--sources", default=MEMORIZATION.sources, show_default=True, type=int,
+              help="Rows after them planted as copies.")
+@click.option("--copies", default=MEMORIZATION.copies, show_default=True, type=int, help="Copies of each source.")
+@click.option("--generate", default=MEMORIZATION.generate, show_default=True, type=int, help="DDIM images made.")
+@click.option("--steps", default=MEMORIZATION.steps, show_default=True, type=int, help="DDIM steps.")
+@click.option("--seed", default=MEMORIZATION.seed, show_default=True, type=int, help="Seed of the DDIM noise.")
+@click.option("--quantile", default=MEMORIZATION.quantile, show_default=True, type=float,
+              help="A generation reproduces a source when its pixel neighbour is a copy closer than this quantile of"
+                   " the unplanted rows' neighbour distances.")
+@click.option("--top-k", default=MEMORIZATION.top_k, show_default=True, type=int, help="Ranks scored.")
+@click.option("--epochs", default=300, show_default=True, type=click.IntRange(1),
+              help="projidx train's recipe: passes over the planted set.")
+@click.option("--checkpoints", default=3, show_default=True, type=click.IntRange(1), help="Checkpoints to keep.")
+@click.option("--width", default=32, show_default=True, type=click.IntRange(8), help="UNet base channels.")
+@click.option("--train-command", default=None,
+              help="Train with your own command instead: a template with {data_file} (the planted .npz) and {out}"
+                   " (a folder to fill with a projidx checkpoint directory or diffusers folders, one per"
+                   " checkpoint).")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=FEATURIZE.objective, show_default=True,
+              help="featurize's --objective.")
+@click.option("--timesteps", default=FEATURIZE.timesteps, show_default=True, type=int, help="featurize's --timesteps.")
+@click.option("--noise", type=click.Choice(NOISE_POLICIES), default=FEATURIZE.noise, show_default=True,
+              help="featurize's --noise.")
+@click.option("--proj-dim", default=FEATURIZE.proj_dim, show_default=True, type=int, help="featurize's --proj-dim.")
+@click.option("--cache", type=click.Path(file_okay=False), default=None,
+              help="Where trained models are cached (default $PROJIDX_CACHE or ~/.cache/projidx).")
+@data_options
+@_fail_cleanly
+def evaluate_memorization(data, out, base, sources, copies, generate, steps, seed, quantile, top_k, epochs,
+                          checkpoints, width, train_command, objective, timesteps, noise, proj_dim, cache,
+                          value_range, resize, image_column, label_column) -> None:
+    """Plant copies of a few training images, train, generate, and report how often each method ranks a copy of
+    the image a generation reproduces first (and in the top k)."""
+    from projidx.evaluation import evaluate_memorization as run
+    from projidx.training import TrainConfig
+    from projidx.unet import UNetConfig
+
+    config = _flags(MemorizationConfig, base=base, sources=sources, copies=copies, generate=generate, steps=steps,
+                    seed=seed, quantile=quantile, top_k=top_k)
+    featurize_config = _flags(FeaturizeConfig, objective=objective, timesteps=timesteps, noise=noise,
+                              proj_dim=proj_dim)
+    train_config = TrainConfig(epochs=epochs, checkpoints=checkpoints, unet=UNetConfig(base=width))
+    images = _data(data, value_range, resize, image_column, label_column)
+    report = run(images, Path(out), config, train_config, featurize_config, train_command, cache)
+    k = report["settings"]["top_k"]
+    click.echo(f"{report['memorized']} of {report['generated']} generations reproduce a planted image"
+               f" (pixel distance < {report['threshold']:.3f})")
+    click.echo(f"{'method':<10} {'top-1':>6} {f'top-{k}':>7} {'copy rank':>9} {'label agr.':>10}")
+    for name, row in report["methods"].items():
+        cells = [row["top1"], row["topk"], row["mean_copy_rank"], row["label_agreement"]]
+        click.echo(f"{name:<10} " + " ".join(f"{'-' if v is None else f'{v:.2f}':>{w}}"
+                                              for v, w in zip(cells, (6, 7, 9, 10), strict=True)))
+    click.echo(f"wrote {Path(out) / 'memorization.json'}")
 
 
 @main.command()

@@ -419,11 +419,13 @@ def _stream_hf(ds, options: DataOptions, name: str, labels: torch.Tensor | None)
 def _digits(spec: str) -> ImageSet:
     from sklearn.datasets import load_digits
 
-    raw = load_digits().images.astype(np.float32)  # (1797, 8, 8), values 0..16
+    digits = load_digits()
+    raw = digits.images.astype(np.float32)  # (1797, 8, 8), values 0..16
     images = torch.from_numpy(raw / 16.0 * 2.0 - 1.0)[:, None]
     ids = torch.arange(len(images), dtype=torch.int64)
+    labels = torch.from_numpy(digits.target.astype(np.int64))  # the digit shown (for evaluation; no model needs it)
     rows = {"digits": slice(None), "digits:train": slice(0, DIGITS_TRAIN), "digits:test": slice(DIGITS_TRAIN, None)}
-    return ImageSet(spec, images, ids).subset(rows[spec])
+    return ImageSet(spec, images, ids, labels=labels).subset(rows[spec])
 
 
 def _photos(spec: str) -> ImageSet:

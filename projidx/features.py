@@ -21,3 +21,9 @@ class QueryFeatures:
     norms: list[np.ndarray]
     mean_norms: list[np.ndarray]
     store_uuid: str | None = None  # the store whose projector made them (None: not checked)
+
+
+def mean_gradient(features: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """(n, k) float32 projection of each row's mean gradient: the mean over its G gradients of unit ``features``
+    (n, G, k) times their exact ``norms`` (n, G)."""
+    return (features * norms[..., None]).mean(axis=1, dtype=np.float32)

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from projidx.errors import ProjidxError
-from projidx.features import QueryFeatures
+from projidx.features import QueryFeatures, mean_gradient
+from projidx.kernels import KERNEL_METHODS, store_kernel
 from projidx.seeding import generator
 from projidx.settings import METHODS
 from projidx.store import FeatureStore
@@ -91,8 +92,8 @@ def side_vectors(
         v = matched_vectors(features, timesteps, seed)
     elif method == "retrac":
         v = features.mean(axis=1)
-    elif method in ("tracin", "cosine"):
-        v = (features * norms[..., None]).mean(axis=1)
+    elif method in ("tracin", "cosine", *KERNEL_METHODS):
+        v = mean_gradient(features, norms)
         if method == "cosine":
             safe = np.where(mean_norms > 0, mean_norms, np.inf)
             v = v / safe[:, None]
@@ -101,11 +102,18 @@ def side_vectors(
     return (v * math.sqrt(weight)).astype(np.float32)
 
 
+def method_weights(store: FeatureStore, method: str) -> list[float]:
+    """The weight of each checkpoint's score under ``method``: the TracIn weights w_c, or 1/C for the kernel methods
+    (TRAK's mean over models)."""
+    c = len(store.meta.checkpoint_ids)
+    return [1.0 / c] * c if method in KERNEL_METHODS else store.weights()
+
+
 def train_vectors(store: FeatureStore, method: str, chunk: int) -> np.ndarray:
     """(rows, C*k) training vectors of one row-chunk: the concatenation over checkpoints."""
     check_method(store, method)
     parts = []
-    for cid, w in zip(store.meta.checkpoint_ids, store.weights(), strict=True):
+    for cid, w in zip(store.meta.checkpoint_ids, method_weights(store, method), strict=True):
         d = store.read_chunk(cid, chunk)
         parts.append(side_vectors(method, d.features, d.norms, d.mean_norms, w, store.meta.timesteps,
                                   store.meta.projector.seed))
@@ -133,8 +141,12 @@ def query_vectors(store: FeatureStore, queries: QueryFeatures, method: str) -> n
     check_method(store, method, queries.timesteps)
     parts = [
         side_vectors(method, f, n, m, w, queries.timesteps, store.meta.projector.seed)
-        for f, n, m, w in zip(queries.features, queries.norms, queries.mean_norms, store.weights(), strict=True)
+        for f, n, m, w in zip(queries.features, queries.norms, queries.mean_norms, method_weights(store, method),
+                              strict=True)
     ]
+    if method in KERNEL_METHODS:  # K_c phi_c(q): the kernel goes on the query side (K_c is symmetric)
+        kernel = store_kernel(store, method)
+        parts = [p @ kernel[c] for c, p in enumerate(parts)]
     return np.concatenate(parts, axis=1)
 
 

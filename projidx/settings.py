@@ -19,7 +19,7 @@ MODES = ("replay", "grid")  # training-side timesteps
 TRAIN_TIMESTEP_MODES = (*MODES, "auto")
 KINDS = ("sjlt", "srht", "dense", "factorized", "identity")  # projector kinds
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector
-METHODS = ("tracin", "retrac", "cosine", "matched")
+METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak")
 VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
 
 
@@ -112,3 +112,32 @@ class IndexConfig:
         for name in ("index_dim", "nprobe"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class MemorizationConfig:
+    """``projidx evaluate memorization``: the first ``base`` rows of the data plus ``copies`` copies of each of the
+    next ``sources`` rows; ``generate`` DDIM images of ``steps`` steps from ``seed``; a generation reproduces a source
+    when its pixel nearest neighbour is a copy closer than the ``quantile`` of the unplanted rows' nearest-neighbour
+    distances; rankings are scored in their first ``top_k``."""
+
+    base: int = 1000
+    sources: int = 10
+    copies: int = 25
+    generate: int = 96
+    steps: int = 50
+    seed: int = 0
+    quantile: float = 0.05
+    top_k: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("sources", "copies", "generate", "steps", "top_k"):
+            if getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.base < 2:
+            raise ProjidxError(f"base must be >= 2, got {self.base}")
+        if not 0 < self.quantile < 1:
+            raise ProjidxError(f"quantile must be in (0, 1), got {self.quantile}")
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))

@@ -1,0 +1,116 @@
+"""Store-wide kernels of the TRAK family: D-TRAK's score as an inner product an index can answer.
+
+TRAK (Park et al. 2023) and D-TRAK (Zheng et al., ICLR 2024) score a query q against a training row x at
+checkpoint c by
+
+    phi_c(q)^T (Phi_c^T Phi_c + lambda_c I)^{-1} phi_c(x),
+
+phi_c being the projected gradient (k,) of the attributed function (D-TRAK: the mean squared model output, a
+store featurized with ``objective="dtrak"``; on a loss store the same scorer is TRAK's) and Phi_c (N, k) every
+training row's. With a grid of timesteps phi is the mean over the grid of the projected gradients: the store's
+``tracin`` side vector without the checkpoint weight. Checkpoints are combined as TRAK combines models: the mean
+of their scores.
+
+The kernel is applied to the query (:func:`projidx.scoring.query_vectors`), so training vectors stay as stored
+and FAISS indices still answer by inner product: score = sum_c <K_c phi_c(q) / C, phi_c(x)>, the 1/C split as
+1/sqrt(C) on each side.
+
+The Gram matrices are a store-wide statistic, accumulated in float64 one row-chunk at a time (memory: C k x k,
+never N x k) and saved next to the store's indices as ``STORE.index/<method>.kernel.npy`` with a JSON sidecar
+recording a digest of everything they were computed from: the store's uuid, its metadata digest, every chunk's done
+record, the method and lambda. A store rebuilt, resumed with recomputed chunks or re-featurized gets a new digest,
+and the kernel is recomputed instead of read.
+
+lambda_c = ``RIDGE`` x the mean eigenvalue of Phi_c^T Phi_c (trace / k): scale-free, so one setting serves
+stores whose gradients differ by orders of magnitude in norm; it keeps the inverse defined when N < k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+
+from projidx.errors import ProjidxError
+from projidx.features import mean_gradient
+from projidx.locations import Location
+from projidx.store import FeatureStore
+
+KERNEL_METHODS = ("dtrak",)
+RIDGE = 0.1  # lambda as a fraction of the Gram matrix's mean eigenvalue
+
+
+def regularized_inverse(gram: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """(k, k) float32 (G + lambda I)^{-1} of a symmetric positive semi-definite ``gram`` (k, k), lambda = ``ridge``
+    x trace(G) / k, through its eigendecomposition (exact for a singular G). A zero G gives the identity / lambda
+    with lambda = 1."""
+    k = gram.shape[0]
+    lam = ridge * float(np.trace(gram)) / k
+    lam = lam if lam > 0 else 1.0
+    values, vectors = np.linalg.eigh(gram)
+    inverse = (vectors / (np.clip(values, 0, None) + lam)) @ vectors.T
+    return inverse.astype(np.float32)
+
+
+def kernel_digest(store: FeatureStore, method: str, ridge: float) -> str:
+    """sha256 over what a kernel is computed from: the store's uuid and metadata digest, every checkpoint's done
+    records (one content digest per row-chunk), the method and the ridge."""
+    h = hashlib.sha256()
+    h.update(json.dumps([store.uuid, dict(store.group.attrs)["projidx"].get("digest"), method, ridge]).encode())
+    for cid in store.meta.checkpoint_ids:
+        h.update(cid.encode())
+        h.update(np.ascontiguousarray(store.records(cid), np.uint64).tobytes())
+    return h.hexdigest()
+
+
+def compute_kernel(store: FeatureStore, ridge: float = RIDGE) -> np.ndarray:
+    """(C, k, k) float32 regularized inverse Gram matrices of a complete store, one row-chunk at a time."""
+    if not store.is_complete():
+        raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
+    k = store.meta.projector.proj_dim
+    out = np.empty((len(store.meta.checkpoint_ids), k, k), np.float32)
+    for c, cid in enumerate(store.meta.checkpoint_ids):
+        gram = np.zeros((k, k), np.float64)
+        for _, chunk in store.chunks(cid):
+            phi = mean_gradient(chunk.features, chunk.norms).astype(np.float64)
+            gram += phi.T @ phi
+        out[c] = regularized_inverse(gram, ridge)
+    return out
+
+
+def kernel_files(store: FeatureStore, method: str) -> tuple[Location, Location]:
+    """Where ``method``'s kernel and its sidecar live: ``STORE.index/<method>.kernel.npy`` and ``.json``."""
+    folder = store.path.sibling(".index")
+    return folder / f"{method}.kernel.npy", folder / f"{method}.kernel.json"
+
+
+def store_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> np.ndarray:
+    """(C, k, k) ``method``'s kernel for ``store``: the saved one if its sidecar's digest is this store's, else
+    computed and saved (file first, sidecar last; a reader that finds a sidecar without its file recomputes)."""
+    if method not in KERNEL_METHODS:
+        raise ProjidxError(f"no kernel for method {method!r}; kernel methods: {', '.join(KERNEL_METHODS)}")
+    digest = kernel_digest(store, method, ridge)
+    array_file, sidecar = kernel_files(store, method)
+    try:
+        recorded = json.loads(sidecar.read_text())
+        if recorded.get("digest") == digest:
+            data = array_file.read_bytes()
+            if hashlib.sha256(data).hexdigest() == recorded.get("sha256"):
+                return np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, KeyError):
+        pass  # missing, torn or stale: recompute
+    kernel = compute_kernel(store, ridge)
+    buffer = io.BytesIO()
+    np.save(buffer, kernel, allow_pickle=False)
+    try:
+        with array_file.parent.staging():
+            pass  # creates the local folder (object stores need none)
+        array_file.write_bytes(buffer.getvalue())
+        sidecar.write_text(json.dumps({"method": method, "ridge": ridge, "digest": digest,
+                                       "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+                                       "store_uuid": store.uuid}, indent=1))
+    except OSError:
+        pass  # a read-only store still answers; the kernel is recomputed next time
+    return kernel
