@@ -133,7 +133,8 @@ class SearchIndex:
         return np.where(found, scores, -np.inf), np.where(found, self.ids[np.clip(rows, 0, None)], -1)
 
 
-def _store_digest(store: FeatureStore) -> str | None:
+def store_digest(store: FeatureStore) -> str | None:
+    """The store's metadata digest as it was opened (None for a version-1 store)."""
     return dict(store.group.attrs)["projidx"].get("digest")
 
 
@@ -174,7 +175,7 @@ def _build_locked(store: FeatureStore, method: str, config: IndexConfig) -> Loca
         else:
             path, lists = _build_faiss(faiss, store, method, config, sketch, dim, out / f"{method}.{token}.faiss")
         sidecar = {"method": method, "factory": config.factory, "backend": "torch" if faiss is None else "faiss",
-                   "store_uuid": store.uuid, "store_digest": _store_digest(store), "n": store.meta.n, "dim": dim,
+                   "store_uuid": store.uuid, "store_digest": store_digest(store), "n": store.meta.n, "dim": dim,
                    "file": path.name, "sha256": file_sha256(path), "config": asdict(config)}
         if lists is not None:
             sidecar["lists_file"], sidecar["lists_sha256"] = lists.name, file_sha256(lists)
@@ -322,7 +323,7 @@ def read_sidecar(store: FeatureStore, method: str, digest: bool = True) -> tuple
     try:
         meta = json.loads(sidecar.read_text())
         same_store = meta["store_uuid"] == store.uuid and meta["n"] == store.meta.n \
-            and meta.get("store_digest") == _store_digest(store)
+            and meta.get("store_digest") == store_digest(store)
         path = index_dir(store) / meta["file"]
         config = meta.get("config", {})
         expected_dim = config.get("index_dim") or store.meta.projector.proj_dim * len(store.meta.checkpoints)

@@ -50,7 +50,7 @@ from projidx.attribution import Attribution, has_file_names, store_checkpoints, 
 from projidx.data import BUILTIN, GRAY_MODES, IMAGE_SUFFIXES, ImageSet, concat, from_arrays, load_dataset
 from projidx.errors import ProjidxError, one_line
 from projidx.featurization import featurize_queries, load_state_dicts, query_defaults
-from projidx.index import SearchIndex, load_index
+from projidx.index import SearchIndex, load_index, store_digest
 from projidx.locations import ROOT, Location
 from projidx.scoring import check_method, default_method, exact_topk, query_vectors
 from projidx.settings import ServeLimits
@@ -95,7 +95,7 @@ class QueryService:
         """``checkpoints`` and ``train_data``: where the store's checkpoints and training data are now [default:
         where the store records them]."""
         self.store = FeatureStore.open(store_path)
-        self.pin = StorePin(self.store.uuid, dict(self.store.group.attrs)["projidx"].get("digest"))
+        self.pin = StorePin(self.store.uuid, store_digest(self.store))
         self.ckpts = store_checkpoints(self.store, checkpoints)
         self.state_dicts = load_state_dicts(self.ckpts)
         self.device = device
