@@ -580,16 +580,13 @@ def serve(store, host, port, device, threads, timeout, max_images, max_noise_dra
         import waitress  # noqa: F401
     except ImportError:
         raise ProjidxError("projidx serve needs Flask and waitress: pip install 'projidx[serve]'") from None
-    from PIL import Image
-
-    from projidx.service import SERVE_MAX_PIXELS, QueryService, create_app, create_server, read_token
+    from projidx.service import QueryService, create_app, create_server, read_token
 
     limits = _flags(ServeLimits, max_images=max_images, max_noise_draws=max_noise_draws, max_gradients=max_gradients,
                     max_upload_bytes=max_upload_bytes, timeout=timeout, threads=threads, data_root=data_root,
                     builtin_data=builtin_data)
     token = read_token(token_file)
     _check_device(device)
-    Image.MAX_IMAGE_PIXELS = min(Image.MAX_IMAGE_PIXELS or SERVE_MAX_PIXELS, SERVE_MAX_PIXELS)  # decompression bombs
     service = QueryService(store, device, ckpt_dir, train_data, limits)
     server = create_server(create_app(service, token), host, port, limits)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):

@@ -59,7 +59,7 @@ from projidx.store import FeatureStore
 DATA_SUFFIXES = (*IMAGE_SUFFIXES, ".npz", ".npy")  # what a request may name under the data root
 QUERY_FIELDS = ("method", "top_k", "query_timesteps", "noise_draws", "exact", "rerank")
 TOKEN_ENV = "PROJIDX_SERVE_TOKEN"
-SERVE_MAX_PIXELS = 1 << 24  # PIL's decompression-bomb guard in projidx serve: warns above, refuses above twice this
+SERVE_MAX_PIXELS = 1 << 24  # an uploaded image's header declaring more pixels is refused before decoding
 
 
 class Unavailable(ProjidxError):
@@ -237,9 +237,12 @@ def image_from_bytes(payload: bytes, name: str, shape: tuple[int, int, int], lab
     _, h, w = shape
     try:
         with Image.open(io.BytesIO(payload)) as img:  # reads the header only
-            if img.size != (w, h):
-                raise ProjidxError(f"image {name!r}: {img.size[0]}x{img.size[1]} pixels, the store's images are"
-                                   f" {w}x{h}")
+            width, height = img.size
+            if width * height > SERVE_MAX_PIXELS:  # the decompression-bomb guard, whatever PIL's global says
+                raise ProjidxError(f"image {name!r}: {width}x{height} pixels, too many (the store's images are"
+                                   f" {w}x{h})")
+            if (width, height) != (w, h):
+                raise ProjidxError(f"image {name!r}: {width}x{height} pixels, the store's images are {w}x{h}")
             img.load()
             array = np.asarray(img.convert("L" if img.mode in GRAY_MODES else "RGB"))
     except ProjidxError:
