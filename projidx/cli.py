@@ -22,6 +22,8 @@ from projidx.settings import (
     DataOptions,
     FeaturizeConfig,
     MemorizationConfig,
+    ServeLimits,
+    check_grid_size,
 )
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
@@ -252,6 +254,8 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
     ckpts = _checkpoints(locations, weights)
+    if config.train_timesteps == "grid":
+        check_grid_size("--timesteps", config.timesteps, ckpts.schedule.T)
     images = _data(data, value_range, resize, image_column, label_column, stream=True)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
@@ -541,29 +545,61 @@ def _sample_labels(labels: str | None, count: int, needs: dict[str, dict]):
     return np.asarray(values * count if len(values) == 1 else values, dtype=np.int64)
 
 
+SERVE = ServeLimits()  # the defaults the serve options show
+
+
 @main.command()
 @click.option("--store", required=True, type=click.Path(),
               help="A featurized store (with its index for --method): a path or an fsspec URL.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (anything but loopback: see docs/cli.md on exposure, and use a token).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@click.option("--threads", default=SERVE.threads, show_default=True, type=int,
+              help="Requests handled at once (gradient computations still run one at a time).")
+@click.option("--timeout", default=SERVE.timeout, show_default=True, type=float,
+              help="Seconds a request waits for the model (then 503) and a connection may stay idle.")
+@click.option("--max-images", default=SERVE.max_images, show_default=True, type=int, help="Images per request.")
+@click.option("--max-noise-draws", default=SERVE.max_noise_draws, show_default=True, type=int,
+              help="noise_draws a request may ask for.")
+@click.option("--max-gradients", default=SERVE.max_gradients, show_default=True, type=int,
+              help="Gradient evaluations per request (images x query timesteps x noise draws x checkpoints).")
+@click.option("--max-upload-bytes", default=SERVE.max_upload_bytes, show_default=True, type=int,
+              help="Largest request body (and file read under --data-root).")
+@click.option("--data-root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Let requests name regular files under DIR as data (image, .npz, .npy) [default: uploads only].")
+@click.option("--builtin-data", is_flag=True, help="Let requests name the built-in data sets (digits, photos).")
+@click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Require 'Authorization: Bearer TOKEN' with the token in this file (or in $PROJIDX_SERVE_TOKEN).")
 @checkpoints_option
 @train_data_option
 @_fail_cleanly
-def serve(store, host, port, device, ckpt_dir, train_data) -> None:
-    """Warm look-ups over HTTP: GET /health, POST /query (JSON with a DATA spec, or an uploaded image file)."""
+def serve(store, host, port, device, threads, timeout, max_images, max_noise_draws, max_gradients, max_upload_bytes,
+          data_root, builtin_data, token_file, ckpt_dir, train_data) -> None:
+    """Warm look-ups over HTTP (waitress): GET /health, POST /query with uploaded images (docs/cli.md)."""
     try:
         import flask  # noqa: F401
+        import waitress  # noqa: F401
     except ImportError:
-        raise ProjidxError("projidx serve needs Flask: pip install 'projidx[serve]'") from None
-    from werkzeug.serving import make_server
+        raise ProjidxError("projidx serve needs Flask and waitress: pip install 'projidx[serve]'") from None
+    from projidx.service import QueryService, create_app, create_server, read_token
 
-    from projidx.service import QueryService, create_app
-
+    limits = _flags(ServeLimits, max_images=max_images, max_noise_draws=max_noise_draws, max_gradients=max_gradients,
+                    max_upload_bytes=max_upload_bytes, timeout=timeout, threads=threads, data_root=data_root,
+                    builtin_data=builtin_data)
+    token = read_token(token_file)
     _check_device(device)
-    server = make_server(host, port, create_app(QueryService(store, device, ckpt_dir, train_data)), threaded=True)
-    click.echo(f"serving {store} on http://{host}:{server.server_port} (GET /health, POST /query); Ctrl-C stops")
-    server.serve_forever()
+    service = QueryService(store, device, ckpt_dir, train_data, limits)
+    server = create_server(create_app(service, token), host, port, limits)
+    if token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(f"warning: {host} is not a loopback address and no token is set: anyone who can reach it can"
+                   " query (--token-file)", err=True)
+    click.echo(f"serving {store} on http://{host}:{server.effective_port} (GET /health, POST /query; {threads}"
+               f" threads{', bearer token' if token else ''}); Ctrl-C stops")
+    try:
+        server.run()
+    finally:
+        server.close()
 
 
 @main.group()

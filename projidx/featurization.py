@@ -42,7 +42,7 @@ from projidx.features import QueryFeatures
 from projidx.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
 from projidx.locations import Location
 from projidx.projection import Projector, ProjectorSpec, make_projector
-from projidx.settings import GRIDS, FeaturizeConfig
+from projidx.settings import GRIDS, FeaturizeConfig, check_grid_size
 from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock, store_exists
 
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
@@ -213,6 +213,8 @@ def _featurize(
     blobs = [check_blob(c.load(), c.id, ckpts.schedule.T) for c in ckpts.checkpoints]
     if config.train_timesteps == "auto":
         config = replace(config, train_timesteps="replay" if "replay_ids" in blobs[0] else "grid")
+    if config.train_timesteps == "grid":
+        check_grid_size("timesteps", config.timesteps, ckpts.schedule.T)
     trained_on = ckpts.dataset.get("fingerprint")
     if config.train_timesteps == "replay" and trained_on and trained_on != data.fingerprint():
         message = (f"data {data.name} is not the data the checkpoints were trained on (its fingerprint differs from"
@@ -458,6 +460,7 @@ def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: in
     elif query_timesteps < 1:
         raise ProjidxError(f"query_timesteps must be >= 1, got {query_timesteps}")
     else:
+        check_grid_size("query_timesteps", query_timesteps, meta.schedule.T)
         grid = timestep_grid(query_timesteps, meta.schedule.T)
     draws = noise_draws if noise_draws is not None else (meta.train_draws if meta.noise == "shared" else 4)
     if draws < 1:

@@ -22,8 +22,11 @@ is used only when ``faiss.get_num_gpus() > 0``.
 
 The sidecar records the index file's sha256, method, dimension, factory and the store's uuid and metadata
 digest; loading checks all of them, so an index file overwritten, edited or copied over another method's is
-refused. Index files and sidecars are written whole (locally: to a temporary name, then renamed; on an object
-store: one object each), under the store's writer lock.
+refused. An index and its sidecar are replaced as one pair: each build writes its files under new names
+(``<method>.<token>.faiss``, ``.npy``, ``.ivfdata``), whole, and then the sidecar naming them (locally: a temporary
+name renamed into place; on an object store: one object), under the store's writer lock. That one rename is the
+switch: until it happens the old sidecar names the old files, which are still there; only then are the earlier
+builds' files of that method removed. A build killed at any point leaves the previous pair usable.
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ class SearchIndex:
         return np.where(found, scores, -np.inf), np.where(found, self.ids[np.clip(rows, 0, None)], -1)
 
 
-def _store_digest(store: FeatureStore) -> str | None:
+def store_digest(store: FeatureStore) -> str | None:
+    """The store's metadata digest as it was opened (None for a version-1 store)."""
     return dict(store.group.attrs)["projidx"].get("digest")
 
 
@@ -163,23 +167,25 @@ def _build_locked(store: FeatureStore, method: str, config: IndexConfig) -> Loca
                            f" {store.path}")
     sketch = store_sketch(store, config.index_dim)
     dim = config.index_dim or store.meta.projector.proj_dim * len(store.meta.checkpoints)
+    token = uuidlib.uuid4().hex[:12]  # this build's files: new names, so the previous pair stays whole
     with target.staging() as out:
         lists = None
         if faiss is None:
-            path = _build_torch_flat(store, method, sketch, dim, out / f"{method}.npy")
+            path = _build_torch_flat(store, method, sketch, dim, out / f"{method}.{token}.npy")
         else:
-            path, lists = _build_faiss(faiss, store, method, config, sketch, dim, out)
+            path, lists = _build_faiss(faiss, store, method, config, sketch, dim, out / f"{method}.{token}.faiss")
         sidecar = {"method": method, "factory": config.factory, "backend": "torch" if faiss is None else "faiss",
-                   "store_uuid": store.uuid, "store_digest": _store_digest(store), "n": store.meta.n, "dim": dim,
+                   "store_uuid": store.uuid, "store_digest": store_digest(store), "n": store.meta.n, "dim": dim,
                    "file": path.name, "sha256": file_sha256(path), "config": asdict(config)}
         if lists is not None:
             sidecar["lists_file"], sidecar["lists_sha256"] = lists.name, file_sha256(lists)
         index = _open(faiss, store, method, sidecar, path, config.nprobe)
         sidecar["recall"] = recall_report(store, index, config.recall_queries, config.seed)
         target.commit(path)
-    (target / f"{method}.json").write_text(json.dumps(sidecar, indent=2))  # last: it names the new file
-    for old in target.glob(f"{method}.*.ivfdata"):  # lists of earlier builds of this method
-        if lists is None or old.name != lists.name:
+    (target / f"{method}.json").write_text(json.dumps(sidecar, indent=2))  # the switch: it names the new files
+    keep = {f"{method}.json", path.name} | ({lists.name} if lists is not None else set())
+    for old in target.glob(f"{method}.*"):  # files of earlier (or interrupted) builds of this method
+        if old.name not in keep:
             old.unlink()
     return target / path.name
 
@@ -205,13 +211,13 @@ def _training_sample(store: FeatureStore, method: str, rows: int, seed: int, ske
 
 
 def _build_faiss(faiss, store: FeatureStore, method: str, config: IndexConfig, sketch: Sketch | None, dim: int,
-                 out: Path) -> tuple[Path, Path | None]:
-    """The index file (and the on-disk inverted lists file, if any) of a FAISS index filled chunk by chunk."""
+                 path: Path) -> tuple[Path, Path | None]:
+    """The index file ``path`` (and the on-disk inverted lists file, if any) of a FAISS index filled chunk by
+    chunk."""
     try:
         index = faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ProjidxError(f"invalid index factory string {config.factory!r} ({one_line(e)})") from e
-    path = out / f"{method}.faiss"
     try:
         if not index.is_trained:
             index.train(_training_sample(store, method, config.train_rows, config.seed, sketch))
@@ -266,7 +272,7 @@ def _fill_on_disk(faiss, trained, store: FeatureStore, method: str, sketch: Sket
     that memory-maps them. Returns the lists file (a new name each build: a reader never sees a partial one)."""
     from faiss.contrib.ondisk import merge_ondisk
 
-    lists = path.with_name(f"{path.stem}.{uuidlib.uuid4().hex[:12]}.ivfdata")
+    lists = path.with_suffix(".ivfdata")  # path's name carries the build's token
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         shards, shard, filled = [], faiss.clone_index(trained), 0
         for i, vectors in chunk_vectors(store, method, transform=sketch):
@@ -317,7 +323,7 @@ def read_sidecar(store: FeatureStore, method: str, digest: bool = True) -> tuple
     try:
         meta = json.loads(sidecar.read_text())
         same_store = meta["store_uuid"] == store.uuid and meta["n"] == store.meta.n \
-            and meta.get("store_digest") == _store_digest(store)
+            and meta.get("store_digest") == store_digest(store)
         path = index_dir(store) / meta["file"]
         config = meta.get("config", {})
         expected_dim = config.get("index_dim") or store.meta.projector.proj_dim * len(store.meta.checkpoints)

@@ -51,6 +51,11 @@ class DataOptions:
                    d.get("image_column", "image"), d.get("label_column"))
 
 
+def check_grid_size(name: str, size: int, T: int) -> None:
+    """ProjidxError unless a timestep grid of ``size`` points fits the model's T timesteps (a grid holds distinct
+    integer timesteps in [0, T); a larger one would only repeat them, after building a list of ``size``)."""
+    if size > T:
+        raise ProjidxError(f"{name} must be <= T = {T} (the model's diffusion timesteps), got {size}")
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
@@ -141,3 +146,32 @@ class MemorizationConfig:
 
     def to_dict(self) -> dict:
         return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one ``projidx serve`` request may ask for, so that no request can exhaust the server.
+
+    ``max_images``: images per request. ``max_noise_draws``: R per request. ``max_gradients``: per-sample gradient
+    evaluations per request, images x |S| x R x checkpoints (the work a request holds the model for; a query at
+    the store's defaults needs images x K x R x C). ``max_upload_bytes``: the whole request body, in bytes (and a
+    file read under ``data_root``). ``timeout``: seconds a request waits for the model (then 503) and a client
+    connection may stay idle. ``threads``: requests handled at once (gradient computations run one at a time).
+    ``data_root``: a directory whose regular files requests may name as DATA (None: uploads only).
+    ``builtin_data``: whether requests may name the built-in data sets (digits, photos)."""
+
+    max_images: int = 16
+    max_noise_draws: int = 16
+    max_gradients: int = 8192
+    max_upload_bytes: int = 8 << 20
+    timeout: float = 60.0
+    threads: int = 4
+    data_root: str | None = None
+    builtin_data: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "max_noise_draws", "max_gradients", "max_upload_bytes", "threads"):
+            if getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.timeout > 0:
+            raise ProjidxError(f"timeout must be > 0 seconds, got {self.timeout}")

@@ -112,11 +112,12 @@ def test_the_cli_pipeline_on_a_file_url_writes_what_a_local_path_gets(built, tmp
     pipeline(built, f"file://{tmp_path}/s.zarr", tmp_path / "file.json")
     assert results(tmp_path / "file.json") == results(built / "local.json")
     assert store_files(tmp_path / "s.zarr") == store_files(built / "s.zarr")  # but for the uuid and digest
-    assert (tmp_path / "s.zarr.index" / "retrac.faiss").is_file() and (tmp_path / "s.zarr.lock").is_file()
+    sidecar = json.loads((tmp_path / "s.zarr.index" / "retrac.json").read_text())
+    assert (tmp_path / "s.zarr.index" / sidecar["file"]).is_file() and (tmp_path / "s.zarr.lock").is_file()
 
 
 def test_an_index_on_an_object_store_is_checked_and_on_disk_lists_are_refused(built, copy):
-    index = path_of(copy) + ".index/retrac.faiss"
+    index = path_of(copy) + ".index/" + json.loads(MEMORY.cat_file(path_of(copy) + ".index/retrac.json"))["file"]
     MEMORY.pipe_file(index, MEMORY.cat_file(index)[:100])
     r = run("query", "--store", copy, "--data", built / "queries.npz", "--method", "retrac", "--out",
             built / "r.json", ok=False)

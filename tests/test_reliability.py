@@ -165,6 +165,11 @@ def test_edited_root_metadata_is_refused(copy, digits):
 
 # ---- indices and outputs tied to their content -------------------------------------------------------------
 
+def index_file(index: Path, method: str) -> Path:
+    """The ``method`` index file its sidecar names (each build writes its own)."""
+    return index / json.loads((index / f"{method}.json").read_text())["file"]
+
+
 @pytest.mark.parametrize("damage", ["overwritten", "inf", "other-method", "npy-row"])
 def test_a_damaged_index_is_refused_and_rebuilt_by_index(copy, digits, damage, monkeypatch):
     index = copy / "s.zarr.index"
@@ -173,20 +178,20 @@ def test_a_damaged_index_is_refused_and_rebuilt_by_index(copy, digits, damage, m
 
         monkeypatch.setattr(index_module, "faiss_module", lambda: None)
         run("index", "--store", copy / "s.zarr", "--method", "retrac")
-        vectors = np.load(index / "retrac.npy")
+        vectors = np.load(index_file(index, "retrac"))
         vectors[3] *= 100
-        np.save(index / "retrac.npy", vectors)
+        np.save(index_file(index, "retrac"), vectors)
     elif damage == "overwritten":
-        (index / "retrac.faiss").write_bytes((index / "retrac.faiss").read_bytes()[:100])
+        index_file(index, "retrac").write_bytes(index_file(index, "retrac").read_bytes()[:100])
     elif damage == "inf":
         import faiss
 
-        ix = faiss.read_index(str(index / "retrac.faiss"))
+        ix = faiss.read_index(str(index_file(index, "retrac")))
         v = faiss.rev_swig_ptr(faiss.downcast_index(ix).get_xb(), ix.ntotal * ix.d)
         v[5] = np.inf
-        faiss.write_index(ix, str(index / "retrac.faiss"))
+        faiss.write_index(ix, str(index_file(index, "retrac")))
     else:
-        shutil.copy(index / "tracin.faiss", index / "retrac.faiss")
+        shutil.copy(index_file(index, "tracin"), index_file(index, "retrac"))
     assert_clean_error(query(copy, digits), "is not the one its sidecar records", "projidx index")
     run("index", "--store", copy / "s.zarr", "--method", "retrac")
     query(copy, digits, "retrac", True)
@@ -197,7 +202,8 @@ def test_failed_index_and_results_writes_leave_no_partial_file(copy, digits, mon
 
     import projidx.attribution as attribution_module
 
-    good = file_sha256(copy / "s.zarr.index" / "retrac.faiss")
+    before = sorted((copy / "s.zarr.index").iterdir())
+    good = file_sha256(index_file(copy / "s.zarr.index", "retrac"))
 
     def half_write(index, path):
         Path(path).write_bytes(b"partial")
@@ -205,8 +211,8 @@ def test_failed_index_and_results_writes_leave_no_partial_file(copy, digits, mon
 
     monkeypatch.setattr(faiss, "write_index", half_write)
     assert_clean_error(run("index", "--store", copy / "s.zarr", "--method", "retrac", ok=False), "could not write")
-    assert file_sha256(copy / "s.zarr.index" / "retrac.faiss") == good
-    assert not list((copy / "s.zarr.index").glob(".*tmp*"))
+    assert file_sha256(index_file(copy / "s.zarr.index", "retrac")) == good
+    assert sorted((copy / "s.zarr.index").iterdir()) == before  # no partial or temporary file left
     monkeypatch.undo()
 
     def broken(self):
