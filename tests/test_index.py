@@ -97,3 +97,18 @@ def test_info_shows_each_index_and_its_recall(tmp_path, tiny_ckpt_dir):
     info = json.loads(run("info", tmp_path / "s.zarr").output)
     assert info["indices"]["matched"]["recall"]["recall_at_10"] == 1.0
     assert info["indices"]["matched"]["factory"] == "IVF2,Flat"
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF2,Flat"])
+def test_recall_counts_tied_copies_as_right_answers(tmp_path, tiny_ckpts, tiny_data, factory):
+    """Identical copies of one image score the same for every query: an exact index that returns other copies
+    than the exact scan's has recall 1 (issue 17: a Flat index reported 0.77 on a store of planted copies)."""
+    from projidx.data import ImageSet
+
+    rows = np.repeat(np.arange(8), 4)  # 8 images, 4 identical copies each
+    data = ImageSet("copies", tiny_data.images[rows], tiny_data.ids[:32])
+    store = featurize(tiny_ckpts, data, tmp_path / "c.zarr", FeaturizeConfig(proj_dim=32, timesteps=2, chunk_rows=8),
+                      progress=False, allow_other_data=True)
+    build_index(store, "matched", IndexConfig(factory=factory, nprobe=2 if "IVF" in factory else None, train_rows=32))
+    sidecar = json.loads((index_dir(store) / "matched.json").read_text())
+    assert sidecar["recall"]["recall_at_10"] == 1.0
