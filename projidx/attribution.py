@@ -17,7 +17,7 @@ from projidx.data import IMAGE_SUFFIXES, DataOptions, Dataset, ImageSet, load_da
 from projidx.errors import ProjidxError
 from projidx.features import QueryFeatures
 from projidx.featurization import check_checkpoints, featurize_queries
-from projidx.index import load_index
+from projidx.index import SearchIndex, load_index
 from projidx.scoring import check_method, exact_topk, query_vectors
 from projidx.store import FeatureStore
 
@@ -34,6 +34,7 @@ class Attribution:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: query featurization, search
     names: list[list[str]] | None = None  # (M, k) training file names, where the training data has them
     query_names: list[str] | None = None
+    search: dict = field(default_factory=dict)  # how it was searched: {"exact": True} or the index's recall report
 
     def to_json(self) -> dict:
         queries = []
@@ -45,7 +46,8 @@ class Attribution:
             if self.names is not None:
                 entry["names"] = self.names[i]
             queries.append(entry)
-        return {"method": self.method, "top_k": self.top_k, "timings_s": self.timings, "queries": queries}
+        return {"method": self.method, "top_k": self.top_k, "search": self.search, "timings_s": self.timings,
+                "queries": queries}
 
 
 def store_checkpoints(store: FeatureStore, locations: list[str | Path] | None = None) -> CheckpointSet:
@@ -103,7 +105,17 @@ def attribute(
     else:
         scores, ids = index.search(qv, top_k, rerank=rerank)
     timings["search"] = time.perf_counter() - start
-    return Attribution(method, top_k, queries.ids, ids, scores, timings, query_names=query_names)
+    return Attribution(method, top_k, queries.ids, ids, scores, timings, query_names=query_names,
+                       search=search_report(index, rerank))
+
+
+def search_report(index: SearchIndex | None, rerank: int | None = None) -> dict:
+    """How a look-up was answered: {"exact": True} for the exact scan, else the index's factory, its recall@10
+    against the exact scan (measured when it was built) and the re-rank depth."""
+    if index is None:
+        return {"exact": True}
+    recall = (index.sidecar or {}).get("recall") or {}
+    return {"exact": False, "factory": index.factory, "recall_at_10": recall.get("recall_at_10"), "rerank": rerank}
 
 
 def store_dataset(store: FeatureStore, spec: str | None = None) -> Dataset:

@@ -380,6 +380,22 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     click.echo(f"{len(queries)} queries: featurized in {t['featurize_queries']:.2f}s"
                f" ({t['featurize_queries'] / len(queries):.3f}s per query), searched in {t['search']:.3f}s;"
                f" wrote {out}" + (f" and {png}" if png else ""))
+    click.echo(_search_line(result.search))
+
+
+RECALL_WARNING = 0.95  # below this recall@10, query says how to get exact answers
+
+
+def _search_line(search: dict) -> str:
+    """One line on how the answers were found: the exact scan, or an index and its measured recall@10."""
+    if search.get("exact"):
+        return "search: exact scan of the store"
+    recall = search.get("recall_at_10")
+    line = f"search: {search['factory']} index, recall@10 {'unmeasured' if recall is None else f'{recall:.2f}'}" \
+           " against the exact scan" + (f", re-ranked from {search['rerank']}" if search.get("rerank") else "")
+    if recall is not None and recall < RECALL_WARNING and not search.get("rerank"):
+        line += f"; below {RECALL_WARNING}: pass --exact, or --rerank, or rebuild the index with more --nprobe"
+    return line
 
 
 @main.command()

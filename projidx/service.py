@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projidx.attribution import Attribution, has_file_names, store_checkpoints, store_dataset
+from projidx.attribution import Attribution, has_file_names, search_report, store_checkpoints, store_dataset
 from projidx.data import BUILTIN, GRAY_MODES, IMAGE_SUFFIXES, ImageSet, concat, from_arrays, load_dataset
 from projidx.errors import ProjidxError, one_line
 from projidx.featurization import featurize_queries, load_state_dicts, query_defaults
@@ -175,7 +175,8 @@ class QueryService:
         result = Attribution(method, top_k, qf.ids, ids, scores,
                              {"featurize_queries": featurized, "search": time.perf_counter() - start},
                              names=self.names.display_names(ids) if self.names is not None else None,
-                             query_names=list(images.names) if images.names is not None else None)
+                             query_names=list(images.names) if images.names is not None else None,
+                             search=search_report(index, rerank))
         return result.to_json()
 
     def data(self, spec: str) -> ImageSet:

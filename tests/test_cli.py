@@ -78,8 +78,10 @@ def test_cli_pipeline_on_an_npz_dataset(pipeline, rgb_npz):
     out = run("query", "--store", d / "s.zarr", "--data", queries, "--method", "retrac", "--top-k", 5,
               "--query-timesteps", 3, "--noise-draws", 2, "--out", d / "r.json", "--png", d / "r.png")
     assert "wrote" in out.output
+    assert "search: Flat index, recall@10 1.00 against the exact scan" in out.output  # told at query time
     res = json.loads((d / "r.json").read_text())
     assert res["method"] == "retrac" and res["top_k"] == 5 and len(res["queries"]) == 4
+    assert res["search"] == {"exact": False, "factory": "Flat", "recall_at_10": 1.0, "rerank": None}
     train_ids = set((np.arange(30) * 7 + 100).tolist())
     for q in res["queries"]:
         assert len(q["ids"]) == 5 and set(q["ids"]) <= train_ids
@@ -87,7 +89,7 @@ def test_cli_pipeline_on_an_npz_dataset(pipeline, rgb_npz):
     assert (d / "r.png").stat().st_size > 1000
     exact = run("query", "--store", d / "s.zarr", "--data", queries, "--method", "retrac", "--top-k", 5,
                 "--query-timesteps", 3, "--noise-draws", 2, "--out", d / "e.json", "--exact")
-    assert "wrote" in exact.output
+    assert "wrote" in exact.output and "search: exact scan" in exact.output
     assert [q["ids"] for q in json.loads((d / "e.json").read_text())["queries"]] == [q["ids"] for q in res["queries"]]
     info = json.loads(run("info", d / "s.zarr").output)
     assert info["train_timesteps"] == "grid" and info["loss"] == "l1" and info["image_shape"] == [3, 12, 10]
