@@ -37,8 +37,8 @@ from projidx.errors import ProjidxError, one_line
 from projidx.featurization import featurize, featurize_queries
 from projidx.files import atomic_path, write_text_atomic
 from projidx.memorization import memorization_summary, planted_layout, reproductions
-from projidx.scoring import check_method, default_method, exact_topk, query_vectors
-from projidx.settings import METHODS, FeaturizeConfig, MemorizationConfig
+from projidx.scoring import default_method, exact_topk, query_vectors, scorable_methods
+from projidx.settings import FeaturizeConfig, MemorizationConfig
 from projidx.training import TrainConfig
 
 
@@ -130,11 +130,7 @@ def evaluate_memorization(data: ImageSet, out: str | Path, config: MemorizationC
     labels, accuracy = (pixel_labels(planted, generated, config.seed) if planted.labels is not None else (None, None))
     train_labels = planted.labels.numpy() if planted.labels is not None else None
     rankings = {"pixel": _pixel_ranking(generated, planted, config.top_k)}
-    for method in METHODS:
-        try:
-            check_method(store, method)
-        except ProjidxError:
-            continue
+    for method in scorable_methods(store):
         _, rankings[method] = exact_topk(store, query_vectors(store, queries, method), method, config.top_k)
     report = {
         "settings": config.to_dict(), "train": str(train_config) if train_command is None else train_command,

@@ -134,6 +134,18 @@ def check_method(store: FeatureStore, method: str, query_timesteps: Sequence[int
                            f" got {list(query_timesteps)} (leave --query-timesteps out)")
 
 
+def scorable_methods(store: FeatureStore) -> list[str]:
+    """The methods ``store`` can be scored with (``matched`` needs a grid store), in METHODS order."""
+    out = []
+    for method in METHODS:
+        try:
+            check_method(store, method)
+        except ProjidxError:
+            continue
+        out.append(method)
+    return out
+
+
 def query_vectors(store: FeatureStore, queries: QueryFeatures, method: str) -> np.ndarray:
     """(M, C*k) query vectors, so that score = query_vectors @ train_vectors.T."""
     if queries.store_uuid is not None and queries.store_uuid != store.uuid:

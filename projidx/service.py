@@ -3,7 +3,8 @@ indices stay loaded, so a query pays only for its own gradients and the search.
 
 Endpoints (every answer JSON, every failure one line: ``{"error": "..."}`` with a 4xx/5xx status):
 
-- ``GET /health`` -> ``{"status": "ok", "store_uuid", "n", "methods": [indices loaded]}`` (no server paths);
+- ``GET /health`` -> ``{"status": "ok", "store_uuid", "n", "methods": [what the store scores], "indices_loaded"}``
+  (no server paths);
   503 ``{"status": "stale", ...}`` once the store has changed under the service;
 - ``POST /query`` -> the JSON ``projidx query --out`` writes, for images sent as
   - a multipart form with one or more ``image`` files (and ``label`` values, one per image, for a
@@ -52,7 +53,7 @@ from projidx.errors import ProjidxError, one_line
 from projidx.featurization import featurize_queries, load_state_dicts, query_defaults
 from projidx.index import SearchIndex, load_index, store_digest
 from projidx.locations import ROOT, Location
-from projidx.scoring import check_method, default_method, exact_topk, query_vectors
+from projidx.scoring import check_method, default_method, exact_topk, query_vectors, scorable_methods
 from projidx.settings import ServeLimits
 from projidx.store import FeatureStore
 
@@ -105,6 +106,7 @@ class QueryService:
         if self.data_root is not None and not self.data_root.is_dir():
             raise ProjidxError(f"data_root {limits.data_root}: not a directory")
         self.indices: dict[str, SearchIndex] = {}
+        self.methods = scorable_methods(self.store)  # what /health lists before any query
         self.index_lock = threading.Lock()  # each index is loaded once
         self.model_lock = threading.Lock()  # one gradient computation at a time: the model is shared
         self.check_pinned()  # the store did not change between opening it and reading its pin
@@ -377,7 +379,8 @@ def create_app(service: QueryService, token: str | None = None):
 
     @app.get("/health")
     def health():
-        body = {"store_uuid": service.pin.uuid, "n": service.store.meta.n, "methods": sorted(service.indices)}
+        body = {"store_uuid": service.pin.uuid, "n": service.store.meta.n, "methods": service.methods,
+                "indices_loaded": sorted(service.indices)}
         try:
             service.check_pinned()
         except Unavailable as e:
