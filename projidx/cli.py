@@ -80,6 +80,23 @@ def _check_device(device: str) -> None:
         raise ProjidxError(f"--device {device!r}: no CUDA device is available to this torch")
 
 
+def _threads(threads: int | None) -> None:
+    """Set torch's CPU thread count, or say how when the cores are already busy: torch's threads wait for each other
+    at every operation, and beside another busy process a run can be many times slower (docs/performance.md)."""
+    import os
+
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy >= 0.75 * cores and torch.get_num_threads() > 1 and world_from_env().rank == 0:
+        click.echo(f"note: load average {busy:.1f} on {cores} cores and torch uses {torch.get_num_threads()}"
+                   " threads; if this runs slowly, pass --threads (e.g. 1) or set OMP_NUM_THREADS", err=True)
+
+
 def _close_progress_bars() -> None:
     """End any progress bar an error interrupted, so the error starts on a line of its own."""
     from tqdm import tqdm
@@ -236,17 +253,21 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
 @click.option("--other-data", is_flag=True,
               help="Replay mode: accept data that is not the set the checkpoints were trained on (warns).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads torch uses (default: torch's, one per core). Beside other busy processes, fewer"
+                   " threads than cores avoid a many-fold slow-down.")
 @data_options
 @_fail_cleanly
 def featurize(locations, weights, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
               projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data,
-              value_range, resize, image_column, label_column) -> None:
+              threads, value_range, resize, image_column, label_column) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
     from projidx.featurization import featurize as run_featurize
 
     _check_device(device)
+    _threads(threads)
     values = dict(projector=projector, proj_dim=proj_dim, projection_seed=projection_seed, noise_seed=noise_seed,
                   noise=noise, dtype=dtype, train_timesteps=train_timesteps, timesteps=timesteps, grid=grid,
                   batch_size=batch_size, chunk_rows=chunk_rows, device=device, objective=objective,

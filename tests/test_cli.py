@@ -360,8 +360,11 @@ def test_featurize_resumes_from_the_recorded_settings(tmp_path, pipeline, rgb_np
     store = tmp_path / "s.zarr"
     shutil.copytree(d / "s.zarr", store)
     before = tree_digest(store)
-    run("featurize", "--checkpoints", d / "ck", "--data", train_npz, "--store", store)
+    run("featurize", "--checkpoints", d / "ck", "--data", train_npz, "--store", store, "--threads", 1)
     assert tree_digest(store) == before
+    import torch
+
+    assert torch.get_num_threads() == 1  # --threads reached torch
     r = run("featurize", "--checkpoints", d / "ck", "--data", train_npz, "--store", store, "--proj-dim", 32, ok=False)
     assert_clean_error(r, "different projector spec")
 
