@@ -81,20 +81,12 @@ def _check_device(device: str) -> None:
 
 
 def _threads(threads: int | None) -> None:
-    """Set torch's CPU thread count, or say how when the cores are already busy: torch's threads wait for each other
-    at every operation, and beside another busy process a run can be many times slower (docs/performance.md)."""
-    import os
-
-    import torch
-
+    """Set torch's CPU thread count where given: torch's threads wait for each other at every operation, and beside
+    another busy process a run with one thread per core can be many times slower (docs/performance.md)."""
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
-        return
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if busy >= 0.75 * cores and torch.get_num_threads() > 1 and world_from_env().rank == 0:
-        click.echo(f"note: load average {busy:.1f} on {cores} cores and torch uses {torch.get_num_threads()}"
-                   " threads; if this runs slowly, pass --threads (e.g. 1) or set OMP_NUM_THREADS", err=True)
 
 
 def _close_progress_bars() -> None:

@@ -13,15 +13,19 @@
    in the top k; for the others, where the data has labels, the share of the top k with the generation's label
    (a logistic-regression pixel classifier labels the generations; its held-out accuracy is reported).
 
-Writes OUT/memorization.json and OUT/memorization.png (reproducing generations beside their top-ranked rows under
+The store is OUT/store-<objective>-<settings digest>.zarr, so runs with other featurize settings sit beside each other
+over one trained model (projidx's recipe is cached; a command's finished run is reused). Writes OUT/memorization.json
+and OUT/memorization.png (reproducing generations beside their top-ranked rows under
 the default method) and returns the report.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -35,7 +39,7 @@ from projidx.demo import cached_model
 from projidx.diffusion import ddim_sample
 from projidx.errors import ProjidxError, one_line
 from projidx.featurization import featurize, featurize_queries
-from projidx.files import atomic_path, write_text_atomic
+from projidx.files import atomic_path, file_sha256, write_text_atomic
 from projidx.memorization import memorization_summary, planted_layout, reproductions
 from projidx.scoring import default_method, exact_topk, query_vectors, scorable_methods
 from projidx.settings import FeaturizeConfig, MemorizationConfig
@@ -63,23 +67,32 @@ def write_npz(data: ImageSet, path: Path) -> ImageSet:
     return load_dataset(str(path))
 
 
+TRAINED = "projidx-trained.json"  # written beside a command's checkpoints once it succeeded
+
+
 def run_train_command(template: str, data_file: Path, out: Path) -> CheckpointSet:
     """Run the user's training command (``{data_file}`` and ``{out}`` filled in, shell-quoted) and load the
     checkpoints it wrote: ``out`` itself (a projidx directory or a diffusers folder) or its sub-folders in name order
-    (one diffusers folder per checkpoint)."""
+    (one diffusers folder per checkpoint). A finished run (its record names the same command and data bytes) is
+    reused; anything else in ``out`` is removed first."""
     for field in ("{data_file}", "{out}"):
         if field not in template:
             raise ProjidxError(f"train_command must contain {field}: {template!r}")
-    command = template.replace("{data_file}", shlex.quote(str(data_file))).replace("{out}", shlex.quote(str(out)))
-    done = subprocess.run(command, shell=True, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ProjidxError(f"train_command exited with {done.returncode}: {last}")
+    record = json.dumps({"command": template, "data_sha256": file_sha256(data_file)})
+    if not ((out / TRAINED).is_file() and (out / TRAINED).read_text() == record):
+        shutil.rmtree(out, ignore_errors=True)
+        command = template.replace("{data_file}", shlex.quote(str(data_file))).replace("{out}", shlex.quote(str(out)))
+        done = subprocess.run(command, shell=True, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ProjidxError(f"train_command exited with {done.returncode}: {last}")
     folders = [out] if (out / "manifest.json").is_file() or (out / "model_index.json").is_file() else sorted(
         p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
     if not folders:
         raise ProjidxError(f"train_command wrote no checkpoints into {out}")
-    return load_checkpoints(folders)
+    ckpts = load_checkpoints(folders)
+    write_text_atomic(out / TRAINED, record)
+    return ckpts
 
 
 @torch.no_grad()
@@ -122,8 +135,9 @@ def evaluate_memorization(data: ImageSet, out: str | Path, config: MemorizationC
         ckpts = cached_model(train_set, train_config, cache)
     trained = time.perf_counter()
     generated = generate(ckpts, config.generate, config.steps, config.seed)
-    store = featurize(ckpts, train_set, out / "store.zarr", featurize_config, progress=progress,
-                      allow_other_data=train_command is not None)
+    settings = hashlib.sha256(repr(featurize_config).encode()).hexdigest()[:10]
+    store = featurize(ckpts, train_set, out / f"store-{featurize_config.objective}-{settings}.zarr", featurize_config,
+                      progress=progress, allow_other_data=train_command is not None)
     queries = featurize_queries(store, ckpts, generated, progress=progress)
     truth = reproductions(generated.images.flatten(1).numpy(), planted.images.flatten(1).numpy(), source_of,
                           config.quantile)
@@ -143,7 +157,10 @@ def evaluate_memorization(data: ImageSet, out: str | Path, config: MemorizationC
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "train_s": trained - start, "wall_s": time.perf_counter() - start,
     }
-    write_text_atomic(out / "memorization.json", json.dumps(report, indent=1))
+    report["store"] = store.path.name
+    text = json.dumps(report, indent=1)
+    write_text_atomic(out / f"memorization-{featurize_config.objective}-{settings}.json", text)  # this setting's
+    write_text_atomic(out / "memorization.json", text)  # the latest run
     _picture(out / "memorization.png", generated, planted, truth.memorized, rankings[report["default_method"]],
              report["default_method"])
     return report

@@ -114,7 +114,8 @@ def gradient_computer(
     any model; also where the hooks cannot take a model's forward pass apart). The factorized projector needs the
     former."""
     if spec.kind == "factorized" and objective != "loss":
-        raise ProjidxError(f"the factorized projector supports the loss objective only, not {objective!r}")
+        raise ProjidxError(f"the factorized projector supports the loss objective only, not {objective!r} (pass"
+                           " --objective loss)")
     try:
         return FactorizedGradients(model, schedule, loss, device, objective, prediction,
                                    fallback=spec.kind != "factorized")

@@ -63,9 +63,12 @@ class FeaturizeConfig:
     takes its defaults and choices from here. ``batch_size`` counts gradient evaluations per call (samples x
     timesteps x ``train_draws``); it never changes results.
 
-    Defaults are the ones ``projidx validate`` passes best (docs/results.md): a grid of 10 timesteps per training
-    image (bin midpoints) and shared noise, which the timestep-matched method (``matched``) needs;
-    ``train_timesteps="replay"`` with ``noise="per-sample"`` is the paper's setting.
+    Defaults are the ones the ground-truth checks pass best (docs/results.md): a grid of 10 timesteps per training
+    image (bin midpoints) and shared noise, which the timestep-matched method (``matched``) needs, and D-TRAK's
+    attributed function (``objective="dtrak"``: the gradient of the mean squared model output, not of the loss),
+    with which a generated image's gradients point at the training image it reproduces (the loss gradient of a
+    memorized image is its tiny residual's, of a generation its deviation's). ``train_timesteps="replay"`` with
+    ``noise="per-sample"`` and ``objective="loss"`` is the paper's setting.
     """
 
     projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
@@ -81,7 +84,7 @@ class FeaturizeConfig:
     batch_size: int = 32
     chunk_rows: int = 256
     device: str = "cpu"
-    objective: str = "loss"
+    objective: str = "dtrak"  # OBJECTIVES: D-TRAK's mean squared output (docs/results.md: generated images)
     train_draws: int = 1  # noise draws averaged per training-side gradient (the paper: 1)
 
     def __post_init__(self) -> None:

@@ -110,7 +110,7 @@ def test_v_prediction_pipeline_is_scored_with_its_own_loss(tmp_path):
     folders = save_run(tmp_path, tiny_unet, scheduler)
     data = digits_npz(tmp_path / "train.npz", slice(0, 6))
     run("featurize", *checkpoint_flags(folders), "--data", data, "--store", tmp_path / "s.zarr", "--projector",
-        "identity", "--timesteps", 2, "--dtype", "float32", "--chunk-rows", 4)
+        "identity", "--timesteps", 2, "--dtype", "float32", "--chunk-rows", 4, "--objective", "loss")
     store = FeatureStore.open(tmp_path / "s.zarr")
     meta = store.meta
     assert meta.prediction == "v_prediction" and meta.schedule.kind == "custom"

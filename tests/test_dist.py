@@ -25,15 +25,22 @@ CONFIG = FeaturizeConfig(proj_dim=16, chunk_rows=4, timesteps=3, batch_size=6)  
 
 # rank 1 featurizes through the library and SIGKILLs itself after writing its second chunk
 KILL_RANK_1 = """
-import os, signal, sys
+import os, signal, sys, time
 from projidx.checkpoints import load_checkpoint_dir
 from projidx.data import load_dataset
 from projidx.featurization import featurize
 from projidx.settings import FeaturizeConfig
+from projidx.store import FeatureStore
 written = []
 def on_chunk(cid, i):
     written.append(i)
     if os.environ["RANK"] == "1" and len(written) == 2:
+        deadline = time.time() + 120  # let rank 0 write a chunk of its own first, however loaded the machine
+        while time.time() < deadline:
+            fs = FeatureStore.open(sys.argv[3], mode="r+")
+            if sum(int(fs.done(c).sum()) for c in fs.meta.checkpoint_ids) >= 3:
+                break
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
 ckpts, data, store = load_checkpoint_dir(sys.argv[1]), load_dataset(sys.argv[2]), sys.argv[3]
 featurize(ckpts, data, store, FeaturizeConfig(proj_dim=16, chunk_rows=4, timesteps=3, batch_size=6),

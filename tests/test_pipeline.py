@@ -10,7 +10,7 @@ import torch
 
 from projidx.checkpoints import load_checkpoint_dir
 from projidx.data import from_arrays
-from projidx.diffusion import QUERY_NOISE, TRAIN_NOISE, diffusion_loss, noise_for, timestep_grid
+from projidx.diffusion import QUERY_NOISE, TRAIN_NOISE, diffusion_loss, noise_for, q_sample, timestep_grid
 from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
 from projidx.index import build_index, load_index
 from projidx.scoring import METHODS, exact_scores, exact_topk, query_vectors
@@ -25,15 +25,20 @@ SEED = 5
 S, R, K = 3, 2, 3
 
 
-def _flat_grad(model, x0, t, eps, abar, loss) -> torch.Tensor:
-    """Reference gradient: one plain backward pass, mean over the R draws in eps (R, C, H, W)."""
+def _flat_grad(model, x0, t, eps, abar, loss, objective="loss") -> torch.Tensor:
+    """Reference gradient: one plain backward pass, mean over the R draws in eps (R, C, H, W), of the loss or of
+    D-TRAK's mean squared output (the mean over pixels of the squared model output at x_t)."""
     r = eps.shape[0]
-    value = diffusion_loss(model, x0[None].expand(r, *x0.shape), torch.full((r,), t), eps, abar, loss).mean()
+    x0s, ts = x0[None].expand(r, *x0.shape), torch.full((r,), t)
+    if objective == "loss":
+        value = diffusion_loss(model, x0s, ts, eps, abar, loss).mean()
+    else:
+        value = model(q_sample(x0s, ts, eps, abar), ts).square().mean()
     grads = torch.autograd.grad(value, [p for _, p in sorted(model.named_parameters())])
     return torch.cat([g.flatten() for g in grads]).double()
 
 
-def _reference(ckpts, data, queries, mode, draws, policy, train_grid, grid_s):
+def _reference(ckpts, data, queries, mode, draws, policy, train_grid, grid_s, objective):
     """TracIn / ReTrac / cosine (M, N) computed from scratch from METHOD.md's formulas, no projection; each
     training-side gradient averaged over ``draws`` noise draws drawn under the noise ``policy``. Grid mode adds
     the exact timestep-matched score sum_c w_c mean_t cos(g_c(x, t), gbar_c(x', t)) (training grid = query grid)."""
@@ -51,13 +56,13 @@ def _reference(ckpts, data, queries, mode, draws, policy, train_grid, grid_s):
             ts = [replay[sid]] if mode == "replay" else train_grid
             train_g.append([
                 _flat_grad(model, x0, t, torch.cat([noise_for(SEED, [sid], c, [t], d, shape, TRAIN_NOISE, policy)
-                                                    for d in range(draws)]), abar, ckpts.loss)
+                                                    for d in range(draws)]), abar, ckpts.loss, objective)
                 for t in ts])
         for i, (x0, qid) in enumerate(zip(queries.images, queries.ids.tolist(), strict=True)):
             gbar = []
             for t in grid_s:
                 eps = torch.cat([noise_for(SEED, [qid], c, [t], r, shape, QUERY_NOISE, policy) for r in range(R)])
-                gbar.append(_flat_grad(model, x0, t, eps, abar, ckpts.loss))
+                gbar.append(_flat_grad(model, x0, t, eps, abar, ckpts.loss, objective))
             q_mean = torch.stack(gbar).mean(0)
             q_unit = torch.stack([g / g.norm() for g in gbar]).mean(0)
             for j, gs in enumerate(train_g):
@@ -72,23 +77,24 @@ def _reference(ckpts, data, queries, mode, draws, policy, train_grid, grid_s):
     return scores
 
 
-@pytest.mark.parametrize(("mode", "draws", "policy"), [("replay", 1, "per-sample"), ("grid", 1, "per-sample"),
-                                                      ("replay", 3, "per-sample"), ("replay", 1, "shared"),
-                                                      ("grid", 3, "shared")])
+@pytest.mark.parametrize(("mode", "draws", "policy", "objective"), [
+    ("replay", 1, "per-sample", "loss"), ("grid", 1, "per-sample", "loss"), ("replay", 3, "per-sample", "loss"),
+    ("replay", 1, "shared", "loss"), ("grid", 3, "shared", "loss"), ("grid", 1, "shared", "dtrak"),
+    ("replay", 3, "per-sample", "dtrak")])
 def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tiny_data, tiny_queries, mode, draws,
-                                                       policy):
+                                                       policy, objective):
     data = tiny_data.subset(slice(0, 12))
     queries = tiny_queries.subset(slice(0, 3))
     config = FeaturizeConfig(projector="identity", projection_seed=SEED + 1, noise_seed=SEED, noise=policy,
                              dtype="float32", train_timesteps=mode, timesteps=K, batch_size=7, chunk_rows=5,
-                             train_draws=draws)
+                             train_draws=draws, objective=objective)
     store = featurize(tiny_ckpts, data, tmp_path / "s.zarr", config, progress=False, allow_other_data=True)
     # grid stores: the queries at the store's grid (K midpoints), which matched needs; replay: the paper's grid of S
     qf = featurize_queries(store, tiny_ckpts, queries, query_timesteps=S if mode == "replay" else None,
                            noise_draws=R, batch_size=5, progress=False)
     train_grid = timestep_grid(K, tiny_ckpts.schedule.T, "midpoints")
     assert qf.timesteps == (timestep_grid(S, tiny_ckpts.schedule.T) if mode == "replay" else train_grid)
-    ref = _reference(tiny_ckpts, data, queries, mode, draws, policy, train_grid, qf.timesteps)
+    ref = _reference(tiny_ckpts, data, queries, mode, draws, policy, train_grid, qf.timesteps, objective)
     for method, expected in ref.items():
         got = exact_scores(store, query_vectors(store, qf, method), method)
         if method == "matched":
@@ -231,7 +237,8 @@ def test_factorized_query_features_equal_projecting_materialized_gradients(tmp_p
     from projidx.projection import make_projector
 
     store = featurize(tiny_ckpts, tiny_data, tmp_path / "f.zarr",
-                      FeaturizeConfig(projector="factorized", proj_dim=64, dtype="float32"), progress=False)
+                      FeaturizeConfig(projector="factorized", proj_dim=64, dtype="float32", objective="loss"),
+                      progress=False)
     assert store.meta.projector.kind == "factorized"
     qf = featurize_queries(store, tiny_ckpts, tiny_queries, 3, 2, progress=False)
     grid = timestep_grid(3, tiny_ckpts.schedule.T)

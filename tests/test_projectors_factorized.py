@@ -158,7 +158,7 @@ def test_featurize_factorized_matches_projecting_full_gradients(tmp_path, tiny_c
     """The store's factorized features and exact norms equal the reference path (vmap gradients -> projector)."""
     data = tiny_data.subset(slice(0, 10))
     base = dict(proj_dim=64, projection_seed=2, noise_seed=2, dtype="float32", train_timesteps=mode, timesteps=3,
-                batch_size=6, chunk_rows=4)
+                batch_size=6, chunk_rows=4, objective="loss")
     fact = featurize(tiny_ckpts, data, tmp_path / "f.zarr", FeaturizeConfig(projector="factorized", **base),
                      progress=False, allow_other_data=True)
     exact = featurize(tiny_ckpts, data, tmp_path / "e.zarr", FeaturizeConfig(projector="identity", **base),

@@ -17,9 +17,11 @@ featurize_module = importlib.import_module("projidx.featurization")  # the packa
 def test_same_features_whatever_the_batch_size(tmp_path, tiny_ckpts, tiny_data, kind):
     data = tiny_data.subset(slice(0, 12))
     a = featurize(tiny_ckpts, data, tmp_path / "a.zarr", FeaturizeConfig(
-        projector=kind, proj_dim=64, batch_size=3, chunk_rows=7, dtype="float32", timesteps=2), progress=False)
+        projector=kind, proj_dim=64, batch_size=3, chunk_rows=7, dtype="float32", timesteps=2,
+        objective="loss" if kind == "factorized" else "dtrak"), progress=False)
     b = featurize(tiny_ckpts, data, tmp_path / "b.zarr", FeaturizeConfig(
-        projector=kind, proj_dim=64, batch_size=16, chunk_rows=16, dtype="float32", timesteps=2), progress=False)
+        projector=kind, proj_dim=64, batch_size=16, chunk_rows=16, dtype="float32", timesteps=2,
+        objective="loss" if kind == "factorized" else "dtrak"), progress=False)
     cid = a.meta.checkpoint_ids[-1]
     for name in ("features", "norms", "mean_norms"):
         np.testing.assert_allclose(a.group[f"{name}/{cid}"][:], b.group[f"{name}/{cid}"][:], rtol=1e-4, atol=1e-6)
