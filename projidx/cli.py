@@ -21,6 +21,7 @@ from projidx.settings import (
     VALUE_RANGES,
     DataOptions,
     FeaturizeConfig,
+    LDSConfig,
     MemorizationConfig,
     ServeLimits,
     check_grid_size,
@@ -762,6 +763,51 @@ def evaluate_memorization(data, out, base, sources, copies, generate, steps, see
         click.echo(f"{name:<10} " + " ".join(f"{'-' if v is None else f'{v:.2f}':>{w}}"
                                               for v, w in zip(cells, (6, 7, 9, 10), strict=True)))
     click.echo(f"wrote {Path(out) / 'memorization.json'}")
+
+
+LDS = LDSConfig()
+
+
+@evaluate.command("lds")
+@click.option("--store", "stores", required=True, multiple=True, type=click.Path(),
+              help="A store to score (repeat to compare stores, e.g. of two objectives, on the same retrains; all"
+                   " must hold the same training rows; the first store's model is retrained).")
+@click.option("--queries", required=True, help="Query DATA whose outputs the retrained models are measured on.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for lds.json, lds.png and the retrains (kept: a re-run resumes).")
+@click.option("--subsets", default=LDS.subsets, show_default=True, type=int, help="Retrained subsets M (>= 3).")
+@click.option("--alpha", default=LDS.alpha, show_default=True, type=float, help="Share of the rows in each subset.")
+@click.option("--seed", default=LDS.seed, show_default=True, type=int, help="Seed of the subsets.")
+@click.option("--output-timesteps", default=LDS.output_timesteps, show_default=True, type=int,
+              help="Timesteps (a midpoint grid) the retrained models' loss is averaged over.")
+@click.option("--output-draws", default=LDS.output_draws, show_default=True, type=int,
+              help="Fixed noises per timestep the loss is averaged over.")
+@click.option("--workers", default=LDS.workers, show_default=True, type=int, help="Retrains run at once (processes).")
+@click.option("--train-command", default=None,
+              help="Retrain with your own command: a template with {subset_file} (an .npz of the subset's images,"
+                   " ids and labels) and {out} (a folder to fill with checkpoints). Default: projidx train's recipe"
+                   " recorded with the store's checkpoints.")
+@data_options
+@_fail_cleanly
+def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, output_draws, workers, train_command,
+                 value_range, resize, image_column, label_column) -> None:
+    """Retrain on random subsets of a store's training rows and report how well each method's scores predict the
+    change of the queries' loss (the linear datamodeling score)."""
+    from projidx.evaluation import evaluate_lds as run
+    from projidx.store import FeatureStore
+
+    config = _flags(LDSConfig, subsets=subsets, alpha=alpha, seed=seed, output_timesteps=output_timesteps,
+                    output_draws=output_draws, workers=workers)
+    opened = [FeatureStore.open(s) for s in stores]
+    images = _data(queries, value_range, resize, image_column, label_column)
+    report = run(opened, images, Path(out), config, train_command)
+    click.echo(f"LDS over {config.subsets} retrains of {report['n_train']} rows, {report['queries']} queries"
+               f" (retraining {report['retrain_s']:.0f}s this run)")
+    click.echo(f"{'store':<28} {'method':<8} {'LDS':>7}  95% interval")
+    for r in report["results"]:
+        value = "-" if r["lds"] is None else f"{r['lds']:.3f}"
+        click.echo(f"{r['store']:<28} {r['method']:<8} {value:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+    click.echo(f"wrote {Path(out) / 'lds.json'} and {Path(out) / 'lds.png'}")
 
 
 @main.command()

@@ -1,4 +1,7 @@
-"""``projidx evaluate memorization``: ground truth on generated images, end to end.
+"""``projidx evaluate``: ground truth, end to end. ``memorization`` on generated images; ``lds`` by retraining on
+random subsets (the linear datamodeling score, :mod:`projidx.lds`; the last section of this module).
+
+``memorization``:
 
 1. Plant: the first ``base`` rows of DATA, then ``copies`` identical copies of each of the next ``sources`` rows
    (written to OUT/planted.npz, with the data's labels where it has them).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -32,17 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from projidx.checkpoints import CheckpointSet, check_blob, load_checkpoints
 from projidx.data import ImageSet, load_dataset
 from projidx.demo import cached_model
-from projidx.diffusion import ddim_sample
+from projidx.diffusion import ddim_sample, timestep_grid
 from projidx.errors import ProjidxError, one_line
 from projidx.featurization import featurize, featurize_queries
 from projidx.files import atomic_path, file_sha256, write_text_atomic
 from projidx.memorization import memorization_summary, planted_layout, reproductions
-from projidx.scoring import default_method, exact_topk, query_vectors, scorable_methods
-from projidx.settings import FeaturizeConfig, MemorizationConfig
+from projidx.scoring import default_method, exact_scores, exact_topk, query_vectors, scorable_methods
+from projidx.settings import FeaturizeConfig, LDSConfig, MemorizationConfig
+from projidx.store import FeatureStore
 from projidx.training import TrainConfig
 
 
@@ -70,18 +76,23 @@ def write_npz(data: ImageSet, path: Path) -> ImageSet:
 TRAINED = "projidx-trained.json"  # written beside a command's checkpoints once it succeeded
 
 
-def run_train_command(template: str, data_file: Path, out: Path) -> CheckpointSet:
-    """Run the user's training command (``{data_file}`` and ``{out}`` filled in, shell-quoted) and load the
+def check_template(template: str, data_field: str) -> None:
+    """ProjidxError unless the training command ``template`` has both ``data_field`` and ``{out}``."""
+    for field in (data_field, "{out}"):
+        if field not in template:
+            raise ProjidxError(f"train_command must contain {field}: {template!r}")
+
+
+def run_train_command(template: str, data_file: Path, out: Path, data_field: str = "{data_file}") -> CheckpointSet:
+    """Run the user's training command (``data_field`` and ``{out}`` filled in, shell-quoted) and load the
     checkpoints it wrote: ``out`` itself (a projidx directory or a diffusers folder) or its sub-folders in name order
     (one diffusers folder per checkpoint). A finished run (its record names the same command and data bytes) is
     reused; anything else in ``out`` is removed first."""
-    for field in ("{data_file}", "{out}"):
-        if field not in template:
-            raise ProjidxError(f"train_command must contain {field}: {template!r}")
+    check_template(template, data_field)
     record = json.dumps({"command": template, "data_sha256": file_sha256(data_file)})
     if not ((out / TRAINED).is_file() and (out / TRAINED).read_text() == record):
         shutil.rmtree(out, ignore_errors=True)
-        command = template.replace("{data_file}", shlex.quote(str(data_file))).replace("{out}", shlex.quote(str(out)))
+        command = template.replace(data_field, shlex.quote(str(data_file))).replace("{out}", shlex.quote(str(out)))
         done = subprocess.run(command, shell=True, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -186,3 +197,177 @@ def _picture(path: Path, generated: ImageSet, train: ImageSet, memorized: np.nda
                          labels=[[str(r) for r in row] for row in top.tolist()])
     except (OSError, ValueError) as e:
         raise ProjidxError(f"could not write {path}: {one_line(e)}") from e
+
+
+# ---- projidx evaluate lds ------------------------------------------------------------------------------------------
+
+OUTPUT_SEED = 424242  # the fixed noises of the measured output (never a store's noise seed)
+
+
+def recipe_from_manifest(ckpts: CheckpointSet) -> TrainConfig:
+    """The :class:`TrainConfig` a projidx checkpoint directory was trained with (its manifest records it)."""
+    from projidx.checkpoints import MANIFEST
+    from projidx.diffusion import NoiseSchedule
+    from projidx.unet import UNetConfig
+
+    if ckpts.directory is None:
+        raise ProjidxError("these checkpoints were not trained by 'projidx train': retrain them with your own"
+                           " command (train_command, a template with {subset_file} and {out})")
+    m = json.loads((ckpts.directory / MANIFEST).read_text())
+    if m.get("model", {}).get("kind") != "projidx.SmallUNet" or "training" not in m:
+        raise ProjidxError(f"checkpoints {ckpts.directory}: no projidx training recipe recorded; give train_command")
+    t = m["training"]
+    return TrainConfig(epochs=int(t["epochs"]), checkpoints=len(m["checkpoints"]), seed=int(t["seed"]),
+                       loss=str(m["loss"]), lr=float(t["lr"]), batch_size=int(t["batch_size"]),
+                       schedule=NoiseSchedule.from_dict(m["schedule"]), unet=UNetConfig.from_dict(m["model"]["config"]))
+
+
+@torch.no_grad()
+def model_output(ckpts: CheckpointSet, queries: ImageSet, timesteps: list[int], draws: int) -> np.ndarray:
+    """(Q,) each query's diffusion loss under the last checkpoint, averaged over ``timesteps`` and ``draws`` fixed
+    noises (seeded by OUTPUT_SEED, the query id, the timestep and the draw)."""
+    from projidx.diffusion import diffusion_loss, model_conditioning, noise_for
+
+    last = ckpts.checkpoints[-1]
+    model = ckpts.model
+    model.load_state_dict(check_blob(last.load(), last.id, ckpts.schedule.T)["state_dict"])
+    model.eval()
+    abar = ckpts.schedule.alphas_cumprod().float()
+    conditioning = queries.conditioning(model_conditioning(model))
+    total = torch.zeros(len(queries), dtype=torch.float64)
+    for t in timesteps:
+        tt = torch.full((len(queries),), t, dtype=torch.int64)
+        for r in range(draws):
+            eps = noise_for(OUTPUT_SEED, queries.ids.tolist(), 0, [t] * len(queries), r, queries.image_shape)
+            total += diffusion_loss(model, queries.images, tt, eps, abar, ckpts.loss, ckpts.prediction,
+                                    conditioning).double()
+    return (total / (len(timesteps) * draws)).numpy()
+
+
+def _retrain(job: dict) -> np.ndarray:
+    """One retrain of ``evaluate lds`` (a process of its own when there are several workers): train on the subset
+    (projidx's recipe, or the command), measure the queries' outputs, save them; returns them (Q,)."""
+    from projidx.training import train
+
+    torch.set_num_threads(job["threads"])
+    folder = Path(job["folder"])
+    subset = load_dataset(str(folder / "subset.npz"))
+    if job["command"] is not None:
+        ckpts = run_train_command(job["command"], folder / "subset.npz", folder / "model", "{subset_file}")
+    else:
+        model = folder / "model"
+        if not (model / "manifest.json").is_file():
+            partial = folder / "model.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            train(subset, partial, job["recipe"], progress=False)
+            partial.rename(model)
+        from projidx.checkpoints import load_checkpoint_dir
+
+        ckpts = load_checkpoint_dir(model)
+    outputs = model_output(ckpts, job["queries"], job["timesteps"], job["draws"])
+    with atomic_path(folder / job["outputs"]) as tmp, open(tmp, "wb") as f:
+        np.save(f, outputs)
+    return outputs
+
+
+def retrained_outputs(train: ImageSet, masks: np.ndarray, queries: ImageSet, out: Path, config: LDSConfig,
+                      recipe: TrainConfig | None, command: str | None, progress: bool = True) -> tuple[np.ndarray,
+                                                                                                         float]:
+    """(M, Q) each subset's retrained model's outputs on the queries, and the seconds spent retraining. Resumable:
+    OUT/retrains/NNN/ keeps each subset, its model and its outputs (named by the query set and output settings);
+    a folder whose subset differs is cleared, finished models and outputs are reused."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    timesteps = timestep_grid(config.output_timesteps, (recipe.schedule.T if recipe else 1000), "midpoints")
+    key = hashlib.sha256(json.dumps([queries.fingerprint(), timesteps, config.output_draws]).encode()).hexdigest()[:12]
+    jobs, outputs = [], {}
+    for m, mask in enumerate(masks):
+        folder = out / "retrains" / f"{m:03d}"
+        rows = np.flatnonzero(mask)
+        subset = train.subset(rows)
+        digest = hashlib.sha256(subset.fingerprint().encode() + repr((recipe, command)).encode()).hexdigest()
+        record = folder / "subset.json"
+        if _read_json(record).get("digest") != digest:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            write_npz(ImageSet(f"{train.name} subset {m}", subset.images, subset.ids, labels=subset.labels),
+                      folder / "subset.npz")
+            write_text_atomic(record, json.dumps({"digest": digest, "rows": rows.tolist()}))
+        try:
+            outputs[m] = np.load(folder / f"outputs-{key}.npy")
+            continue
+        except (OSError, ValueError):
+            pass  # not measured yet, or torn: measure (the model is reused if finished)
+        jobs.append((m, {"folder": str(folder), "command": command, "recipe": recipe, "queries": queries,
+                         "timesteps": timesteps, "draws": config.output_draws, "outputs": f"outputs-{key}.npy",
+                         "threads": max(1, (os.cpu_count() or 1) // config.workers)}))
+    start = time.perf_counter()
+    bar = tqdm(total=len(masks), initial=len(outputs), desc="retrain", unit="model", disable=not progress)
+    if config.workers == 1 or len(jobs) <= 1:
+        for m, job in jobs:
+            outputs[m] = _retrain(job)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn")) as pool:
+            futures = {m: pool.submit(_retrain, job) for m, job in jobs}
+            for m, future in futures.items():
+                outputs[m] = future.result()
+                bar.update()
+    bar.close()
+    return np.stack([outputs[m] for m in range(len(masks))]), time.perf_counter() - start
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or {} if it is missing, torn or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path, config: LDSConfig = LDSConfig(),
+                 train_command: str | None = None, progress: bool = True) -> dict:
+    """LDS of every method each store scores, on the same M retrains (:mod:`projidx.lds`). All stores must hold the
+    same training rows; the model retrained is the first store's (its recipe, or ``train_command``). Writes
+    OUT/lds.json and OUT/lds.png; returns the report."""
+    from projidx.attribution import store_checkpoints, store_dataset
+    from projidx.lds import bootstrap_interval, lds_per_query, subset_masks
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = stores[0]
+    for other in stores[1:]:
+        if other.meta.dataset_fingerprint != first.meta.dataset_fingerprint:
+            raise ProjidxError(f"store {other.path} holds other training rows than {first.path}: LDS compares methods"
+                               " on the same retrains")
+    ckpts = store_checkpoints(first)
+    train = store_dataset(first)
+    train = train if isinstance(train, ImageSet) else train.subset(slice(0, len(train)))
+    if train_command is not None:
+        check_template(train_command, "{subset_file}")
+    recipe = None if train_command is not None else recipe_from_manifest(ckpts)
+    masks = subset_masks(len(train), config.subsets, config.alpha, config.seed)
+    outputs, retrain_s = retrained_outputs(train, masks, queries, out, config, recipe, train_command, progress)
+    rows, per_query = [], {}
+    for store in stores:
+        store_ckpts = store_checkpoints(store)
+        qf = featurize_queries(store, store_ckpts, queries, progress=progress)
+        label = store.path.name
+        for method in scorable_methods(store):
+            values = lds_per_query(exact_scores(store, query_vectors(store, qf, method), method), masks, outputs)
+            lo, hi = bootstrap_interval(values, seed=config.seed)
+            rows.append({"store": label, "objective": store.meta.objective, "method": method,
+                         "lds": float(np.nanmean(values)) if np.isfinite(values).any() else None, "ci95": [lo, hi]})
+            per_query[f"{label}/{method}"] = [None if not np.isfinite(v) else float(v) for v in values]
+    report = {"settings": config.to_dict(), "train": train_command or str(recipe), "n_train": len(train),
+              "queries": len(queries), "output": {"timesteps": config.output_timesteps, "draws": config.output_draws,
+                                                  "seed": OUTPUT_SEED, "what": "diffusion loss, last checkpoint"},
+              "results": rows, "per_query": per_query, "retrain_s": retrain_s,
+              "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    write_text_atomic(out / "lds.json", json.dumps(report, indent=1))
+    from projidx.viz import lds_plot
+
+    lds_plot(out / "lds.png", rows)
+    return report

@@ -178,3 +178,30 @@ class ServeLimits:
                 raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.timeout > 0:
             raise ProjidxError(f"timeout must be > 0 seconds, got {self.timeout}")
+
+
+@dataclass(frozen=True)
+class LDSConfig:
+    """``projidx evaluate lds``: ``subsets`` M random subsets of round(``alpha`` N) training rows (seeded by
+    ``seed``), each retrained on; the output measured per query is the diffusion loss of the retrained model's last
+    checkpoint averaged over ``output_timesteps`` (a midpoint grid) and ``output_draws`` fixed noises; ``workers``
+    retrains run at once (processes)."""
+
+    subsets: int = 32
+    alpha: float = 0.5
+    seed: int = 0
+    output_timesteps: int = 10
+    output_draws: int = 4
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("subsets", "output_timesteps", "output_draws", "workers"):
+            if getattr(self, name) < 1:
+                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.subsets < 3:
+            raise ProjidxError(f"subsets must be >= 3 for a rank correlation, got {self.subsets}")
+        if not 0 < self.alpha < 1:
+            raise ProjidxError(f"alpha must be in (0, 1), got {self.alpha}")
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))

@@ -151,3 +151,22 @@ def score_histogram(path: str | Path, scores: dict[str, np.ndarray], title: str)
         ax.set_xlabel("score")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+def lds_plot(path: str | Path, rows: list[dict]) -> None:
+    """Write a PNG: the LDS of each (store, method) as a bar with its 95% interval. ``rows``: dicts with "store",
+    "method", "lds" (None: undefined) and "ci95" [low, high]."""
+    rows = [r for r in rows if r["lds"] is not None]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.6))
+    x = np.arange(len(rows))
+    values = np.array([r["lds"] for r in rows])
+    low = values - np.array([r["ci95"][0] for r in rows])
+    high = np.array([r["ci95"][1] for r in rows]) - values
+    ax.bar(x, values, yerr=np.stack([low, high]), capsize=3, color="#4c72b0")
+    ax.set_xticks(x, [f"{r['method']}\n{r['store']}" for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("LDS (Spearman, mean over queries)")
+    ax.set_title("Linear datamodeling score, 95% bootstrap intervals", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
