@@ -22,7 +22,7 @@ from projidx.training import TrainConfig, train
 from projidx.viz import attribution_grid
 
 DEMO_TRAIN = TrainConfig(epochs=30, checkpoints=4, seed=0, loss="mse", lr=1e-3, batch_size=64)
-DEMO_FEATURIZE = FeaturizeConfig()  # featurize's defaults: sjlt k=2048, a grid of 10 timesteps, shared noise
+DEMO_FEATURIZE = FeaturizeConfig()  # featurize's defaults (sjlt k=2048, 10 midpoints, shared noise, dtrak)
 DEMO_METHODS = ("matched", "retrac", "tracin")  # the default look-up method, then the paper's two
 TITLES = {"matched": "Timestep-matched cosine", "retrac": "Diffusion-ReTrac", "tracin": "Diffusion-TracIn"}
 DEMO_QUERIES = 8

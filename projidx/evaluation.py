@@ -32,6 +32,7 @@ import shlex
 import shutil
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,8 @@ def evaluate_memorization(data: ImageSet, out: str | Path, config: MemorizationC
     for method in scorable_methods(store):
         _, rankings[method] = exact_topk(store, query_vectors(store, queries, method), method, config.top_k)
     report = {
-        "settings": config.to_dict(), "train": str(train_config) if train_command is None else train_command,
-        "featurize": vars(featurize_config) | {}, "default_method": default_method(store),
+        "settings": asdict(config), "train": str(train_config) if train_command is None else train_command,
+        "featurize": asdict(featurize_config), "default_method": default_method(store),
         "threshold": truth.threshold, "memorized": int(truth.memorized.sum()), "generated": config.generate,
         "classifier_accuracy": accuracy,
         "methods": {name: memorization_summary(ranked, truth, source_of, train_labels, labels)
@@ -361,7 +362,7 @@ def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path,
             rows.append({"store": label, "objective": store.meta.objective, "method": method,
                          "lds": float(np.nanmean(values)) if np.isfinite(values).any() else None, "ci95": [lo, hi]})
             per_query[f"{label}/{method}"] = [None if not np.isfinite(v) else float(v) for v in values]
-    report = {"settings": config.to_dict(), "train": train_command or str(recipe), "n_train": len(train),
+    report = {"settings": asdict(config), "train": train_command or str(recipe), "n_train": len(train),
               "queries": len(queries), "output": {"timesteps": config.output_timesteps, "draws": config.output_draws,
                                                   "seed": OUTPUT_SEED, "what": "diffusion loss, last checkpoint"},
               "results": rows, "per_query": per_query, "retrain_s": retrain_s,

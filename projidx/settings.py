@@ -23,6 +23,20 @@ METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak")
 VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
 
 
+def require_at_least(settings: object, names: tuple[str, ...], minimum: int) -> None:
+    """ProjidxError naming the first field of ``names`` below ``minimum``."""
+    for name in names:
+        if getattr(settings, name) < minimum:
+            raise ProjidxError(f"{name} must be >= {minimum}, got {getattr(settings, name)}")
+
+
+def require_fraction(settings: object, name: str) -> None:
+    """ProjidxError unless the field ``name`` lies strictly between 0 and 1."""
+    if not 0 < getattr(settings, name) < 1:
+        raise ProjidxError(f"{name} must be in (0, 1), got {getattr(settings, name)}")
+
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """How a DATA spec's values are read: ``value_range`` (VALUE_RANGES; auto: uint8 = [0, 255], float = [-1, 1]
@@ -93,9 +107,7 @@ class FeaturizeConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ProjidxError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("proj_dim", "timesteps", "batch_size", "chunk_rows", "train_draws", "sparsity"):
-            if getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("proj_dim", "timesteps", "batch_size", "chunk_rows", "train_draws", "sparsity"), 1)
 
 
 @dataclass(frozen=True)
@@ -114,9 +126,7 @@ class IndexConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("train_rows", "recall_queries"):
-            if getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("train_rows", "recall_queries"), 1)
         for name in ("index_dim", "nprobe"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,16 +149,9 @@ class MemorizationConfig:
     top_k: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("sources", "copies", "generate", "steps", "top_k"):
-            if getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.base < 2:
-            raise ProjidxError(f"base must be >= 2, got {self.base}")
-        if not 0 < self.quantile < 1:
-            raise ProjidxError(f"quantile must be in (0, 1), got {self.quantile}")
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
+        require_at_least(self, ("sources", "copies", "generate", "steps", "top_k"), 1)
+        require_at_least(self, ("base",), 2)
+        require_fraction(self, "quantile")
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,7 @@ class ServeLimits:
     builtin_data: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_noise_draws", "max_gradients", "max_upload_bytes", "threads"):
-            if getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("max_images", "max_noise_draws", "max_gradients", "max_upload_bytes", "threads"), 1)
         if not self.timeout > 0:
             raise ProjidxError(f"timeout must be > 0 seconds, got {self.timeout}")
 
@@ -195,13 +196,6 @@ class LDSConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("subsets", "output_timesteps", "output_draws", "workers"):
-            if getattr(self, name) < 1:
-                raise ProjidxError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.subsets < 3:
-            raise ProjidxError(f"subsets must be >= 3 for a rank correlation, got {self.subsets}")
-        if not 0 < self.alpha < 1:
-            raise ProjidxError(f"alpha must be in (0, 1), got {self.alpha}")
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
+        require_at_least(self, ("output_timesteps", "output_draws", "workers"), 1)
+        require_at_least(self, ("subsets",), 3)  # a rank correlation over fewer is meaningless
+        require_fraction(self, "alpha")
