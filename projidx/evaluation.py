@@ -272,15 +272,16 @@ def _retrain(job: dict) -> np.ndarray:
 
 
 def retrained_outputs(train: ImageSet, masks: np.ndarray, queries: ImageSet, out: Path, config: LDSConfig,
-                      recipe: TrainConfig | None, command: str | None, progress: bool = True) -> tuple[np.ndarray,
-                                                                                                         float]:
+                      recipe: TrainConfig | None, command: str | None, T: int,
+                      progress: bool = True) -> tuple[np.ndarray, float]:
     """(M, Q) each subset's retrained model's outputs on the queries, and the seconds spent retraining. Resumable:
     OUT/retrains/NNN/ keeps each subset, its model and its outputs (named by the query set and output settings);
-    a folder whose subset differs is cleared, finished models and outputs are reused."""
+    a folder whose subset differs is cleared, finished models and outputs are reused. ``T``: the model's diffusion
+    timesteps (the output grid's range)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    timesteps = timestep_grid(config.output_timesteps, (recipe.schedule.T if recipe else 1000), "midpoints")
+    timesteps = timestep_grid(config.output_timesteps, T, "midpoints")
     key = hashlib.sha256(json.dumps([queries.fingerprint(), timesteps, config.output_draws]).encode()).hexdigest()[:12]
     jobs, outputs = [], {}
     for m, mask in enumerate(masks):
@@ -350,7 +351,8 @@ def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path,
         check_template(train_command, "{subset_file}")
     recipe = None if train_command is not None else recipe_from_manifest(ckpts)
     masks = subset_masks(len(train), config.subsets, config.alpha, config.seed)
-    outputs, retrain_s = retrained_outputs(train, masks, queries, out, config, recipe, train_command, progress)
+    outputs, retrain_s = retrained_outputs(train, masks, queries, out, config, recipe, train_command,
+                                           ckpts.schedule.T, progress)
     rows, per_query = [], {}
     for store in stores:
         store_ckpts = store_checkpoints(store)
