@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from projidx.store import FeatureStore
+from projidx.store.feature_store import FeatureStore
 
 RUNS = {  # name: (launcher arguments before "-m projidx", OMP_NUM_THREADS)
     "1p1t": ([], 1),

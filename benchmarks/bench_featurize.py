@@ -6,7 +6,7 @@ Measured side by side in one run, per model (the demo UNet and a >= 10M-paramete
 - per-sample gradients without projection (torch.func vmap), and the factorized path's per-sample layer
   factors without projection (one batched forward + backward to the layer outputs);
 - full featurization with each projector kind at each k: gradients + projection with exact norms, as
-  projidx.featurization does them (the dense kind projects ``projection_rows`` gradients per call, as the
+  projidx.features.featurization does them (the dense kind projects ``projection_rows`` gradients per call, as the
   featurizer batches it), with projection's share of the time;
 - traker's and dattri's CPU ``BasicProjector`` (Rademacher) projecting the same gradients, one call per
   batch, when those optional packages import (reported as unavailable otherwise);
@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projidx.diffusion import NoiseSchedule, diffusion_loss
-from projidx.factorized import FactorizedGradients, project_capture
-from projidx.featurization import FeaturizeConfig, projection_rows, resolve_projector
-from projidx.grads import GradientComputer, parameter_shapes
-from projidx.projection import ProjectorSpec, make_projector
-from projidx.unet import SmallUNet, UNetConfig
+from projidx.features.factorized import FactorizedGradients, project_capture
+from projidx.features.featurization import FeaturizeConfig, projection_rows, resolve_projector
+from projidx.features.grads import GradientComputer, parameter_shapes
+from projidx.features.projection import ProjectorSpec, make_projector
+from projidx.models.diffusion import NoiseSchedule, diffusion_loss
+from projidx.models.unet import SmallUNet, UNetConfig
 
 KINDS = ("sjlt", "srht", "dense", "factorized")
 RANDOM_MATRIX_LIMIT = 2.2e10  # p * k random entries per call above which dense / TRAK / dattri are skipped
@@ -213,9 +213,9 @@ def tiled_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def child_peak_rss_mb(args: list[str]) -> tuple[float, float]:
-    """Run ``python -m projidx.cli ARGS`` and return its own peak RSS (MB) and wall seconds."""
+    """Run ``python -m projidx.cli.main ARGS`` and return its own peak RSS (MB) and wall seconds."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "projidx.cli", *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "projidx.cli.main", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -232,7 +232,7 @@ def bench_rss(sizes: tuple[int, int], log: Callable[[str], None]) -> dict:
         tmp_path = Path(tmp)
         images, ids = tiled_digits(max(sizes))
         np.savez(tmp_path / "big.npz", images=images, ids=ids)
-        subprocess.run([sys.executable, "-m", "projidx.cli", "train", "--data", str(tmp_path / "big.npz"), "--out",
+        subprocess.run([sys.executable, "-m", "projidx.cli.main", "train", "--data", str(tmp_path / "big.npz"), "--out",
                         str(tmp_path / "ck"), "--epochs", "1", "--checkpoints", "1"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for n in sizes:

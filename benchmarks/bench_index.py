@@ -42,9 +42,9 @@ QUERIES, BATCH = 256, 32
 
 def spectrum(work: Path, cache: str | None, k: int) -> list[dict]:
     """Per checkpoint (the first two): mean, principal directions, singular values and norms of a real store."""
-    from projidx.data import load_dataset
-    from projidx.demo import DEMO_TRAIN, cached_model
-    from projidx.featurization import FeaturizeConfig, featurize
+    from projidx.cli.demo import DEMO_TRAIN, cached_model
+    from projidx.data.datasets import load_dataset
+    from projidx.features.featurization import FeaturizeConfig, featurize
 
     data = load_dataset("digits:train")
     ckpts = cached_model(data, DEMO_TRAIN, cache)
@@ -73,9 +73,9 @@ def draw(spec: list[dict], n: int, rng: np.random.Generator) -> list[tuple[np.nd
 
 
 def make_store(path: Path, n: int, spec: list[dict], k: int, chunk_rows: int, seed: int) -> None:
-    from projidx.diffusion import NoiseSchedule
-    from projidx.projection import ProjectorSpec
-    from projidx.store import Chunk, FeatureStore, StoreMeta
+    from projidx.features.projection import ProjectorSpec
+    from projidx.models.diffusion import NoiseSchedule
+    from projidx.store.feature_store import Chunk, FeatureStore, StoreMeta
 
     meta = StoreMeta(projector=ProjectorSpec("sjlt", k, {"synthetic": (10_000,)}), model_fingerprint="synthetic",
                      dataset_fingerprint=f"synthetic-{n}-{seed}", dataset_name="synthetic", n=n,
@@ -95,8 +95,8 @@ def make_store(path: Path, n: int, spec: list[dict], k: int, chunk_rows: int, se
 CHILD = """
 import json, os, resource, sys, time
 import numpy as np
-from projidx.index import IndexConfig, build_index, index_dir, load_index
-from projidx.store import FeatureStore
+from projidx.search.index import IndexConfig, build_index, index_dir, load_index
+from projidx.store.feature_store import FeatureStore
 args = json.loads(sys.argv[1])
 store = FeatureStore.open(args["store"])
 qv, exact = np.load(args["queries"]), np.load(args["exact"])
@@ -110,7 +110,7 @@ size = sum(f.stat().st_size for f in index_dir(store).local.glob(args["method"] 
 rows = []
 for nprobe in args["nprobes"]:
     if args["factory"] == "exact":
-        from projidx.scoring import exact_topk
+        from projidx.search.scoring import exact_topk
         search = lambda q: exact_topk(store, q, args["method"], 10)[1]
     else:
         index = None  # release the previous nprobe's copy before loading the next
@@ -135,7 +135,7 @@ def child(payload: dict) -> dict:
 
 
 def baseline_rss_mb() -> float:
-    code = "import resource, numpy, torch, faiss, projidx.index; " \
+    code = "import resource, numpy, torch, faiss, projidx.search.index; " \
            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
 
@@ -158,8 +158,8 @@ def main() -> None:
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "settings": vars(args), "baseline_rss_mb": baseline_rss_mb(), "sizes": {}}
     for n in [int(v) for v in args.sizes.split(",")]:
-        from projidx.scoring import exact_topk
-        from projidx.store import FeatureStore
+        from projidx.search.scoring import exact_topk
+        from projidx.store.feature_store import FeatureStore
 
         store_path = work / f"synthetic-{n}.zarr"
         shutil.rmtree(store_path, ignore_errors=True)

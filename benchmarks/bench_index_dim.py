@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from projidx.analysis import rank_agreement
-from projidx.attribution import store_checkpoints
-from projidx.data import load_dataset
-from projidx.featurization import featurize_queries
-from projidx.index import store_sketch
-from projidx.scoring import query_vectors, train_vectors
-from projidx.store import FeatureStore
+from projidx.analysis.bias import rank_agreement
+from projidx.data.datasets import load_dataset
+from projidx.features.featurization import featurize_queries
+from projidx.search.attribution import store_checkpoints
+from projidx.search.index import store_sketch
+from projidx.search.scoring import query_vectors, train_vectors
+from projidx.store.feature_store import FeatureStore
 
 
 def main() -> None:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from projidx.data import load_dataset
-from projidx.demo import DEMO_TRAIN, cached_model
-from projidx.diffusion import TRAIN_NOISE, NoiseDraws
-from projidx.featurization import FeaturizeConfig, featurize
+from projidx.cli.demo import DEMO_TRAIN, cached_model
+from projidx.data.datasets import load_dataset
+from projidx.features.featurization import FeaturizeConfig, featurize
+from projidx.models.diffusion import TRAIN_NOISE, NoiseDraws
 
 POLICIES = ("shared", "per-sample")
 

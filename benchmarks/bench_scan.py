@@ -25,8 +25,8 @@ import bench_index
 import numpy as np
 import torch
 
-from projidx import scoring
-from projidx.store import FeatureStore
+from projidx.search import scoring
+from projidx.store.feature_store import FeatureStore
 
 
 def main() -> None:

@@ -110,9 +110,9 @@ def main() -> None:
     args = p.parse_args()
     from PIL import Image
 
-    from projidx.attribution import attribute
-    from projidx.data import load_dataset
-    from projidx.store import FeatureStore
+    from projidx.data.datasets import load_dataset
+    from projidx.search.attribution import attribute
+    from projidx.store.feature_store import FeatureStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     query = load_dataset("digits:test").subset(slice(0, 1))

@@ -51,10 +51,10 @@ class PixelEps(nn.Module):
 
 def worker(npy: Path, mode: str, work: Path) -> dict:
     """One featurize run in this process; returns its time and the process's peak RSS."""
-    from projidx.checkpoints import Checkpoint, CheckpointSet, save_checkpoint
-    from projidx.data import load_dataset
-    from projidx.diffusion import NoiseSchedule
-    from projidx.featurization import FeaturizeConfig, featurize
+    from projidx.data.datasets import load_dataset
+    from projidx.features.featurization import FeaturizeConfig, featurize
+    from projidx.models.checkpoints import Checkpoint, CheckpointSet, save_checkpoint
+    from projidx.models.diffusion import NoiseSchedule
 
     torch.manual_seed(0)
     model, ckpts = PixelEps(), []

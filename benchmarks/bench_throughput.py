@@ -10,13 +10,13 @@ recorded before every measurement; this machine is shared):
   code before this change, e.g. ``git archive main | tar -x -C DIR``) the same featurize commands also run with
   that code (PYTHONPATH), so before and after come from the same run.
 - **in process** (``--models``): per model, plain batched forward + backward of the summed loss (the cost of
-  training a sample) against featurization as projidx.featurization does it (gradients + projection + exact
+  training a sample) against featurization as projidx.features.featurization does it (gradients + projection + exact
   norms, one batch): the default source (layer hooks, one batched pass) with ``sjlt`` and ``factorized``, and
   the earlier paths, torch.func ``vmap`` + ``sjlt`` and ``factorized`` from factors at every layer. The hooks
   path is also split into its parts: the capture (forward + backward to the layer outputs), the per-sample
   gradients formed from it, and the projection.
 - **per-layer kernels** (``--kernels``): per distinct Conv2d shape of each model, the per-sample weight-gradient
-  kernels of projidx.factorized (shifted GEMMs, grouped convolution, unfolded product, and a loop of one
+  kernels of projidx.features.factorized (shifted GEMMs, grouped convolution, unfolded product, and a loop of one
   weight-gradient convolution per sample) against the batched weight gradient of plain training (not per sample:
   the same multiply-adds in one call), medians of alternating rounds, and the kernel ``conv_weight_grads`` picks.
 
@@ -42,13 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from projidx import factorized
-from projidx.data import load_dataset
-from projidx.diffusion import NoiseSchedule, diffusion_loss
-from projidx.factorized import FactorizedGradients
-from projidx.grads import GradientComputer, parameter_shapes
-from projidx.projection import ProjectorSpec, make_projector
-from projidx.unet import SmallUNet, UNetConfig
+from projidx.data.datasets import load_dataset
+from projidx.features import factorized
+from projidx.features.factorized import FactorizedGradients
+from projidx.features.grads import GradientComputer, parameter_shapes
+from projidx.features.projection import ProjectorSpec, make_projector
+from projidx.models.diffusion import NoiseSchedule, diffusion_loss
+from projidx.models.unet import SmallUNet, UNetConfig
 
 K = 2048
 FEATURIZE = ["--train-timesteps", "grid", "--timesteps", "4", "--proj-dim", str(K)]

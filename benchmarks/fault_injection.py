@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--modes", default="kill,torn")
     p.add_argument("--limit", type=int, default=None, help="only the first N write positions (smoke run)")
     args = p.parse_args()
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fault-"))

@@ -32,13 +32,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from projidx.analysis import rank_agreement  # noqa: E402
-from projidx.data import load_dataset  # noqa: E402
-from projidx.demo import DEMO_TRAIN, cached_model  # noqa: E402
+from projidx.analysis.bias import rank_agreement  # noqa: E402
+from projidx.cli.demo import DEMO_TRAIN, cached_model  # noqa: E402
+from projidx.data.datasets import load_dataset  # noqa: E402
 from projidx.errors import ProjidxError  # noqa: E402
-from projidx.featurization import FeaturizeConfig, featurize, featurize_queries  # noqa: E402
-from projidx.projection import KINDS  # noqa: E402
-from projidx.scoring import exact_scores, query_vectors  # noqa: E402
+from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries  # noqa: E402
+from projidx.features.projection import KINDS  # noqa: E402
+from projidx.search.scoring import exact_scores, query_vectors  # noqa: E402
 
 METHODS = ("tracin", "retrac", "matched")
 DEFAULTS = FeaturizeConfig()

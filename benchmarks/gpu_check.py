@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from projidx.diffusion import DiffusersEps, NoiseSchedule, diffusion_loss  # noqa: E402
-from projidx.factorized import FactorizedGradients  # noqa: E402
-from projidx.grads import GradientComputer, parameter_shapes  # noqa: E402
-from projidx.projection import ProjectorSpec, make_projector  # noqa: E402
+from projidx.features.factorized import FactorizedGradients  # noqa: E402
+from projidx.features.grads import GradientComputer, parameter_shapes  # noqa: E402
+from projidx.features.projection import ProjectorSpec, make_projector  # noqa: E402
+from projidx.models.diffusion import DiffusersEps, NoiseSchedule, diffusion_loss  # noqa: E402
 
 # google/ddpm-cifar10-32's UNet2DModel: 35.7M parameters at 32x32x3
 CIFAR10_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -55,7 +55,7 @@ def golden_tests(device: str, timeout: int) -> dict:
 
 
 def faiss_check(device: str, n: int, d: int, queries: int) -> dict:
-    """A FAISS Flat and IVF-SQfp16 inner-product index on unit vectors, moved to the GPU as projidx.index does,
+    """A FAISS Flat and IVF-SQfp16 inner-product index on unit vectors, moved to the GPU as projidx.search.index does,
     against the exact top-10 from a torch matmul."""
     try:
         import faiss

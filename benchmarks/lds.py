@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from projidx.data import ImageSet, load_dataset
-from projidx.demo import cached_model
-from projidx.evaluation import evaluate_lds
-from projidx.featurization import FeaturizeConfig, featurize
+from projidx.cli.demo import cached_model
+from projidx.data.datasets import ImageSet, load_dataset
+from projidx.features.featurization import FeaturizeConfig, featurize
+from projidx.models.training import TrainConfig
+from projidx.models.unet import UNetConfig
+from projidx.reports.evaluation import evaluate_lds
 from projidx.settings import LDSConfig
-from projidx.training import TrainConfig
-from projidx.unet import UNetConfig
 
 RECIPE = TrainConfig(epochs=40, checkpoints=4, seed=0, loss="mse", lr=1e-3, batch_size=32,
                      unet=UNetConfig(channels=1, base=16))

@@ -23,10 +23,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from projidx.data import load_dataset
-from projidx.evaluation import evaluate_memorization
+from projidx.data.datasets import load_dataset
+from projidx.models.training import TrainConfig
+from projidx.reports.evaluation import evaluate_memorization
 from projidx.settings import FeaturizeConfig, MemorizationConfig
-from projidx.training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 MODELS = {

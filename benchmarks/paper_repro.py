@@ -38,17 +38,18 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from projidx import analysis, viz
-from projidx.attribution import attribute
-from projidx.checkpoints import CheckpointSet
-from projidx.data import ImageSet, load_dataset
-from projidx.demo import DEMO_TRAIN, cached_model
-from projidx.diffusion import ddim_sample
-from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
-from projidx.reports import timestep_bias_report
-from projidx.store import FeatureStore
-from projidx.training import TrainConfig
-from projidx.unet import UNetConfig
+from projidx.analysis import bias as analysis
+from projidx.cli.demo import DEMO_TRAIN, cached_model
+from projidx.data.datasets import ImageSet, load_dataset
+from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
+from projidx.models.checkpoints import CheckpointSet
+from projidx.models.diffusion import ddim_sample
+from projidx.models.training import TrainConfig
+from projidx.models.unet import UNetConfig
+from projidx.reports import viz
+from projidx.reports.analyze import timestep_bias_report
+from projidx.search.attribution import attribute
+from projidx.store.feature_store import FeatureStore
 
 METHODS = ("tracin", "retrac")  # the paper's two; grid stores add the timestep-matched cosine
 
@@ -133,7 +134,7 @@ def run_dataset(name: str, spec: str, config: TrainConfig, mode: str, args, out:
         result["self_tracing_by_replayed_timestep"] = {
             m: analysis.self_tracing_by_timestep(store, trace_qf, m, TRACE_BINS) for m in METHODS}
     tops = {m: attribute(store, qfeat(gen_q.subset(slice(0, 6))), m, 8, exact=True) for m in methods_for(store)}
-    from projidx.attribution import training_images
+    from projidx.search.attribution import training_images
 
     for m, res in tops.items():
         viz.attribution_grid(out / f"{name}-{mode}-{args.noise}-generated-{m}.png", gen_q.images[:6].numpy(),

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from projidx.data import ImageSet, load_dataset
-from projidx.demo import DEMO_TRAIN, cached_model
-from projidx.featurization import FeaturizeConfig, featurize
-from projidx.unet import UNetConfig
-from projidx.validate import CHECKS, DEFAULT_SIGMA, check_queries, sample_rows, summarize, validate_store
+from projidx.cli.demo import DEMO_TRAIN, cached_model
+from projidx.data.datasets import ImageSet, load_dataset
+from projidx.features.featurization import FeaturizeConfig, featurize
+from projidx.models.unet import UNetConfig
+from projidx.reports.validate import CHECKS, DEFAULT_SIGMA, check_queries, sample_rows, summarize, validate_store
 
 DATASETS = {
     "digits": (lambda: load_dataset("digits:train"), DEMO_TRAIN, 2048),

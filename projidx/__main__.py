@@ -8,7 +8,7 @@ import sys
 
 def run() -> None:
     try:
-        from projidx.cli import main
+        from projidx.cli.main import main
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted\n")
         sys.exit(130)

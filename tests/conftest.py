@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from projidx.checkpoints import CheckpointSet
-from projidx.data import ImageSet, load_dataset
-from projidx.diffusion import NoiseSchedule
-from projidx.training import TrainConfig, train
-from projidx.unet import UNetConfig
+from projidx.data.datasets import ImageSet, load_dataset
+from projidx.models.checkpoints import CheckpointSet
+from projidx.models.diffusion import NoiseSchedule
+from projidx.models.training import TrainConfig, train
+from projidx.models.unet import UNetConfig
 
 TINY_UNET = UNetConfig(channels=1, base=8, mults=(1, 2), time_dim=16, groups=4)
 TINY_TRAIN = TrainConfig(epochs=4, checkpoints=2, seed=3, loss="mse", lr=2e-3, batch_size=16,
@@ -41,7 +41,7 @@ def tiny_ckpt_dir(tmp_path_factory, tiny_data) -> Path:
 
 @pytest.fixture()
 def tiny_ckpts(tiny_ckpt_dir) -> CheckpointSet:
-    from projidx.checkpoints import load_checkpoint_dir
+    from projidx.models.checkpoints import load_checkpoint_dir
 
     return load_checkpoint_dir(tiny_ckpt_dir)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from projidx.analysis import (
+from projidx.analysis.bias import (
     appearance_counts,
     generally_influential,
     influence_stats,
@@ -17,11 +17,11 @@ from projidx.analysis import (
     timestep_bias,
     unique_ratio,
 )
-from projidx.diffusion import NoiseSchedule
-from projidx.features import QueryFeatures
-from projidx.projection import ProjectorSpec
-from projidx.scoring import exact_topk, query_vectors, train_vectors
-from projidx.store import Chunk, FeatureStore, StoreMeta
+from projidx.features.projection import ProjectorSpec
+from projidx.features.query import QueryFeatures
+from projidx.models.diffusion import NoiseSchedule
+from projidx.search.scoring import exact_topk, query_vectors, train_vectors
+from projidx.store.feature_store import Chunk, FeatureStore, StoreMeta
 
 N, K, Q = 60, 32, 10
 INFLATED = 7  # row whose gradient norm is 100x the others

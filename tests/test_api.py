@@ -19,9 +19,9 @@ from projidx import (
     save_checkpoint,
     schedule_from_diffusers,
 )
-from projidx.checkpoints import file_sha256
-from projidx.diffusion import diffusion_loss, prediction_from_diffusers
-from projidx.grads import GradientComputer
+from projidx.features.grads import GradientComputer
+from projidx.models.checkpoints import file_sha256
+from projidx.models.diffusion import diffusion_loss, prediction_from_diffusers
 
 
 class MLPEps(nn.Module):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from projidx.checkpoints import MANIFEST
-from projidx.cli import main
+from projidx.cli.main import main
+from projidx.models.checkpoints import MANIFEST
 from tests.conftest import save_npz
 
 
@@ -372,7 +372,7 @@ def test_featurize_resumes_from_the_recorded_settings(tmp_path, pipeline, rgb_np
 def test_cli_pipeline_on_a_folder_of_pngs_names_the_training_files(tmp_path):
     from PIL import Image
 
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     digits = load_dataset("digits").subset(slice(0, 26))
     pixels = ((digits.images.numpy()[:, 0] + 1) * 127.5).round().astype(np.uint8)
@@ -406,7 +406,7 @@ def test_sample_writes_generated_queries_that_query_accepts(tmp_path, pipeline):
     run("sample", "--checkpoints", d / "ck", "--out", tmp_path / "gen.npz", "--n", 3, "--steps", 5, "--seed", 1)
     with np.load(tmp_path / "gen.npz") as f:
         assert f["images"].shape == (3, 3, 12, 10) and f["images"].dtype == np.uint8
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     assert np.array_equal(load_dataset(str(tmp_path / "gen")).images, load_dataset(str(tmp_path / "gen.npz")).images)
     out = run("query", "--store", d / "s.zarr", "--data", tmp_path / "gen", "--method", "retrac", "--top-k", 3,
@@ -421,7 +421,7 @@ def test_cli_pipeline_on_a_hugging_face_dataset(tmp_path):
     datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need projidx[hf]")
     from PIL import Image
 
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     digits = load_dataset("digits").subset(slice(0, 24))
     pixels = ((digits.images.numpy()[:, 0] + 1) * 127.5).round().astype(np.uint8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from projidx.data import from_arrays, load_dataset
+from projidx.data.datasets import from_arrays, load_dataset
 from projidx.errors import ProjidxError
 
 
@@ -40,7 +40,7 @@ def _png_folder(folder, images, mode):
 
 
 def test_image_folders_single_images_and_classes(tmp_path):
-    from projidx.data import DataOptions
+    from projidx.data.datasets import DataOptions
 
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (5, 12, 10), dtype=np.uint8)
@@ -73,7 +73,7 @@ def test_image_folders_single_images_and_classes(tmp_path):
 
 
 def test_channels_last_npy_and_value_ranges(tmp_path):
-    from projidx.data import DataOptions
+    from projidx.data.datasets import DataOptions
 
     rng = np.random.default_rng(1)
     unit = rng.uniform(0, 1, (4, 10, 10, 3)).astype(np.float32)  # channels-last, values in [0, 1]
@@ -95,7 +95,7 @@ def test_hugging_face_datasets_from_disk_and_parquet(tmp_path):
     datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need projidx[hf]")
     from PIL import Image
 
-    from projidx.data import DataOptions
+    from projidx.data.datasets import DataOptions
 
     rng = np.random.default_rng(2)
     pixels = rng.integers(0, 256, (6, 9, 11, 3), dtype=np.uint8)
@@ -115,7 +115,7 @@ def test_hugging_face_datasets_from_disk_and_parquet(tmp_path):
 
 def _same_rows(streamed, loaded, conditioning=()):
     """A streamed dataset reads exactly the in-memory one: every row, any subset, the fingerprint."""
-    from projidx.data import StreamedImages
+    from projidx.data.datasets import StreamedImages
 
     assert isinstance(streamed, StreamedImages) and len(streamed) == len(loaded)
     assert streamed.image_shape == loaded.image_shape and streamed.names == loaded.names
@@ -137,8 +137,8 @@ def test_streamed_datasets_equal_the_in_memory_loads(tmp_path, monkeypatch):
     columns: the same rows bit for bit and the same fingerprint as the in-memory load."""
     from PIL import Image
 
-    import projidx.data as data_module
-    from projidx.data import DataOptions
+    import projidx.data.datasets as data_module
+    from projidx.data.datasets import DataOptions
 
     monkeypatch.setattr(data_module, "STREAM_ROWS", 3)  # several chunks in every streamed pass
     rng = np.random.default_rng(3)
@@ -181,8 +181,8 @@ def test_featurize_on_streamed_data_writes_the_in_memory_store(tmp_path, tiny_ck
     memory; the streamed data is never converted whole (rows are read per chunk)."""
     import zarr
 
-    import projidx.data as data_module
-    from projidx.featurization import FeaturizeConfig, featurize
+    import projidx.data.datasets as data_module
+    from projidx.features.featurization import FeaturizeConfig, featurize
 
     pixels = ((tiny_data.images.numpy() + 1) * 127.5).round().astype(np.uint8)
     np.save(tmp_path / "d.npy", pixels)

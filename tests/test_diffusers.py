@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from projidx.checkpoints import load_checkpoints
-from projidx.data import load_dataset
-from projidx.diffusion import DiffusersEps, diffusion_loss, noise_for, q_sample
-from projidx.grads import GradientComputer
-from projidx.store import FeatureStore
+from projidx.data.datasets import load_dataset
+from projidx.features.grads import GradientComputer
+from projidx.models.checkpoints import load_checkpoints
+from projidx.models.diffusion import DiffusersEps, diffusion_loss, noise_for, q_sample
+from projidx.store.feature_store import FeatureStore
 from tests.test_cli import assert_clean_error, run
 
 diffusers = pytest.importorskip("diffusers")
@@ -96,7 +96,7 @@ def test_vmap_gradients_of_conditional_models_equal_single_backward_passes():
 
 
 def load_schedule():
-    from projidx.diffusion import schedule_from_diffusers
+    from projidx.models.diffusion import schedule_from_diffusers
 
     return schedule_from_diffusers(diffusers.DDPMScheduler(num_train_timesteps=1000))
 
@@ -241,9 +241,9 @@ def test_bad_diffusers_folders(tmp_path):
 def test_factorized_capture_passes_the_conditioning():
     """The factorized path (one batched pass with hooks) gives the text-conditional UNet's v-prediction gradients
     with their encoder states: the same projection and norms as projecting vmap gradients."""
-    from projidx.factorized import FactorizedGradients, project_capture
-    from projidx.grads import parameter_shapes
-    from projidx.projection import ProjectorSpec, make_projector
+    from projidx.features.factorized import FactorizedGradients, project_capture
+    from projidx.features.grads import parameter_shapes
+    from projidx.features.projection import ProjectorSpec, make_projector
 
     torch.manual_seed(0)
     model = DiffusersEps(tiny_text_unet())

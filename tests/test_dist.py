@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from projidx.checkpoints import load_checkpoint_dir
-from projidx.dist import TIMEOUT_ENV, World, timeout, world_from_env
 from projidx.errors import ProjidxError
-from projidx.featurization import featurize
+from projidx.features.dist import TIMEOUT_ENV, World, timeout, world_from_env
+from projidx.features.featurization import featurize
+from projidx.models.checkpoints import load_checkpoint_dir
 from projidx.settings import FeaturizeConfig
-from projidx.store import FeatureStore, WriterLock
+from projidx.store.feature_store import FeatureStore, WriterLock
 from tests.conftest import save_npz
 from tests.test_reliability import arrays_of
 
@@ -26,11 +26,11 @@ CONFIG = FeaturizeConfig(proj_dim=16, chunk_rows=4, timesteps=3, batch_size=6)  
 # rank 1 featurizes through the library and SIGKILLs itself after writing its second chunk
 KILL_RANK_1 = """
 import os, signal, sys, time
-from projidx.checkpoints import load_checkpoint_dir
-from projidx.data import load_dataset
-from projidx.featurization import featurize
+from projidx.models.checkpoints import load_checkpoint_dir
+from projidx.data.datasets import load_dataset
+from projidx.features.featurization import featurize
 from projidx.settings import FeaturizeConfig
-from projidx.store import FeatureStore
+from projidx.store.feature_store import FeatureStore
 written = []
 def on_chunk(cid, i):
     written.append(i)

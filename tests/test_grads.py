@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from projidx.diffusion import QUERY_NOISE, NoiseSchedule, diffusion_loss, noise_for, timestep_grid
-from projidx.grads import GradientComputer, squared_norms
-from projidx.unet import SmallUNet, UNetConfig
+from projidx.features.grads import GradientComputer, squared_norms
+from projidx.models.diffusion import QUERY_NOISE, NoiseSchedule, diffusion_loss, noise_for, timestep_grid
+from projidx.models.unet import SmallUNet, UNetConfig
 
 
 def _loop_grad(model, x0, t, eps, abar, loss):
@@ -57,7 +57,7 @@ def test_timestep_grid_matches_the_paper():
 
 
 def test_ddim_sampler_is_deterministic_and_in_range():
-    from projidx.diffusion import ddim_sample
+    from projidx.models.diffusion import ddim_sample
 
     model = SmallUNet(UNetConfig(channels=1, base=8, mults=(1, 2), time_dim=16, groups=4)).eval()
     a = ddim_sample(model, NoiseSchedule(), 3, (1, 8, 8), steps=5, seed=1)
@@ -76,7 +76,7 @@ def test_dtrak_objective_is_the_gradient_of_the_mean_squared_output():
     abar = schedule.alphas_cumprod().float()
     for b in range(3):
         model.zero_grad()
-        from projidx.diffusion import q_sample
+        from projidx.models.diffusion import q_sample
 
         xt = q_sample(x0[b : b + 1].expand(2, -1, -1, -1), t[b : b + 1].expand(2), eps[b], abar)
         model(xt, t[b : b + 1].expand(2)).square().flatten(1).mean(1).mean().backward()

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-import projidx.featurization as featurization_module
-from projidx.diffusion import DiffusersEps, NoiseSchedule
-from projidx.factorized import CaptureError, FactorizedGradients
-from projidx.featurization import FeaturizeConfig, featurize, gradient_computer
-from projidx.grads import GradientComputer, parameter_shapes
-from projidx.projection import ProjectorSpec, make_projector
-from projidx.unet import SmallUNet, UNetConfig
+import projidx.features.featurization as featurization_module
+from projidx.features.factorized import CaptureError, FactorizedGradients
+from projidx.features.featurization import FeaturizeConfig, featurize, gradient_computer
+from projidx.features.grads import GradientComputer, parameter_shapes
+from projidx.features.projection import ProjectorSpec, make_projector
+from projidx.models.diffusion import DiffusersEps, NoiseSchedule
+from projidx.models.unet import SmallUNet, UNetConfig
 
 
 def _inputs(shape: tuple[int, ...], b: int = 4, r: int = 2, seed: int = 0):

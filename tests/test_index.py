@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
-from projidx.index import IndexConfig, Sketch, build_index, index_dir, load_index
-from projidx.scoring import exact_scores, exact_topk, query_vectors
+from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
+from projidx.search.index import IndexConfig, Sketch, build_index, index_dir, load_index
+from projidx.search.scoring import exact_scores, exact_topk, query_vectors
 from tests.test_cli import run
 
 faiss = pytest.importorskip("faiss", reason="needs projidx[cpu] or projidx[gpu]")
@@ -18,7 +18,7 @@ faiss = pytest.importorskip("faiss", reason="needs projidx[cpu] or projidx[gpu]"
 
 @pytest.fixture(scope="module")
 def store_and_queries(tmp_path_factory, tiny_ckpt_dir, tiny_data, tiny_queries):
-    from projidx.checkpoints import load_checkpoint_dir
+    from projidx.models.checkpoints import load_checkpoint_dir
 
     ckpts = load_checkpoint_dir(tiny_ckpt_dir)
     store = featurize(ckpts, tiny_data, tmp_path_factory.mktemp("ix") / "s.zarr",
@@ -60,7 +60,7 @@ def test_index_dim_keeps_the_dimension_whatever_the_checkpoints(store_and_querie
     qv = query_vectors(store, qf, "retrac")
     scores, ids = load_index(store, "retrac").search(qv, 40)
     # the index scores are the inner products of the sketched vectors, both sides sketched alike
-    from projidx.scoring import train_vectors
+    from projidx.search.scoring import train_vectors
 
     sketch = Sketch(128, 32, store.meta.projector.seed)
     train = np.concatenate([train_vectors(store, "retrac", i) for i in range(store.n_chunks)])
@@ -85,7 +85,7 @@ def test_the_sketch_preserves_inner_products_in_expectation():
 
 
 def test_info_shows_each_index_and_its_recall(tmp_path, tiny_ckpt_dir):
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     d = load_dataset("digits").subset(slice(0, 40))
     npz = tmp_path / "train.npz"
@@ -103,7 +103,7 @@ def test_info_shows_each_index_and_its_recall(tmp_path, tiny_ckpt_dir):
 def test_recall_counts_tied_copies_as_right_answers(tmp_path, tiny_ckpts, tiny_data, factory):
     """Identical copies of one image score the same for every query: an exact index that returns other copies
     than the exact scan's has recall 1 (issue 17: a Flat index reported 0.77 on a store of planted copies)."""
-    from projidx.data import ImageSet
+    from projidx.data.datasets import ImageSet
 
     rows = np.repeat(np.arange(8), 4)  # 8 images, 4 identical copies each
     data = ImageSet("copies", tiny_data.images[rows], tiny_data.ids[:32])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
-from projidx.kernels import RIDGE, kernel_files, regularized_inverse, store_kernel
-from projidx.scoring import exact_scores, exact_topk, query_vectors
-from projidx.store import FeatureStore
+from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
+from projidx.search.kernels import RIDGE, kernel_files, regularized_inverse, store_kernel
+from projidx.search.scoring import exact_scores, exact_topk, query_vectors
+from projidx.store.feature_store import FeatureStore
 
 CONFIG = FeaturizeConfig(proj_dim=48, timesteps=3, objective="dtrak", dtype="float32", chunk_rows=7)
 
@@ -54,7 +54,7 @@ def test_dtrak_scores_equal_the_trak_formula(dtrak_store, tiny_ckpts, tiny_queri
 
 def test_the_kernel_is_saved_once_and_recomputed_when_the_store_changes(tmp_path, dtrak_store, tiny_ckpts,
                                                                          tiny_data, monkeypatch):
-    import projidx.kernels as kernels
+    import projidx.search.kernels as kernels
 
     first = store_kernel(dtrak_store, "dtrak")
     array_file, sidecar = kernel_files(dtrak_store, "dtrak")
@@ -79,7 +79,7 @@ def test_the_kernel_is_saved_once_and_recomputed_when_the_store_changes(tmp_path
 
 
 def test_dtrak_index_answers_like_the_exact_scan(dtrak_store, tiny_ckpts, tiny_queries):
-    from projidx.index import build_index, load_index
+    from projidx.search.index import build_index, load_index
 
     qf = featurize_queries(dtrak_store, tiny_ckpts, tiny_queries, progress=False)
     qv = query_vectors(dtrak_store, qf, "dtrak")

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from projidx.cli import main
+from projidx.analysis.lds import bootstrap_interval, lds_per_query, subset_masks
+from projidx.cli.main import main
 from projidx.errors import ProjidxError
-from projidx.lds import bootstrap_interval, lds_per_query, subset_masks
 from tests.test_cli import assert_clean_error
 
 
@@ -51,7 +51,7 @@ def test_bootstrap_interval_brackets_the_mean():
 @pytest.fixture(scope="module")
 def lds_setup(tmp_path_factory):
     """A tiny projidx model on 24 digits and its store, through the CLI."""
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     d = tmp_path_factory.mktemp("lds")
     digits = load_dataset("digits:train").subset(slice(0, 24))
@@ -121,7 +121,7 @@ def test_evaluate_lds_refuses_bad_templates_in_one_line(lds_setup, tmp_path, com
 
 
 def test_evaluate_lds_refuses_stores_of_other_rows(lds_setup, tmp_path):
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     other = load_dataset("digits:train").subset(slice(24, 48))
     np.savez(tmp_path / "other.npz", images=other.images.numpy(), ids=other.ids.numpy())

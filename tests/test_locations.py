@@ -15,8 +15,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from projidx.checkpoints import MANIFEST
-from projidx.store import FeatureStore, WriterLock
+from projidx.models.checkpoints import MANIFEST
+from projidx.store.feature_store import FeatureStore, WriterLock
 from tests.conftest import save_npz
 from tests.test_cli import assert_clean_error, run
 from tests.test_reliability import arrays_of
@@ -29,7 +29,7 @@ MEMORY = fsspec.filesystem("memory")
 def built(tmp_path_factory) -> Path:
     """24 digits (ids 500..523), 3 queries, checkpoints, and a store at a local path with its retrac index and
     query results (``local.json``)."""
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     d = tmp_path_factory.mktemp("built")
     digits = load_dataset("digits").subset(slice(0, 27))
@@ -149,7 +149,7 @@ def test_the_writer_lock_on_an_object_store(copy):
 
 
 def test_an_interrupted_creation_on_an_object_store_is_replaced(on_memory, monkeypatch):
-    import projidx.store as store_module
+    import projidx.store.feature_store as store_module
 
     source = FeatureStore.open(on_memory)
     url = memory_url()

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from projidx.cli import main
-from projidx.errors import ProjidxError
-from projidx.memorization import (
+from projidx.analysis.memorization import (
     copy_rank,
     label_agreement,
     memorization_summary,
@@ -18,6 +16,8 @@ from projidx.memorization import (
     planted_layout,
     reproductions,
 )
+from projidx.cli.main import main
+from projidx.errors import ProjidxError
 
 
 def test_planted_layout_puts_copies_after_the_base_rows():

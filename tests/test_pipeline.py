@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from projidx.checkpoints import load_checkpoint_dir
-from projidx.data import from_arrays
-from projidx.diffusion import QUERY_NOISE, TRAIN_NOISE, diffusion_loss, noise_for, q_sample, timestep_grid
-from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
-from projidx.index import build_index, load_index
-from projidx.scoring import METHODS, exact_scores, exact_topk, query_vectors
-from projidx.store import FeatureStore
-from projidx.training import TrainConfig, train
+from projidx.data.datasets import from_arrays
+from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
+from projidx.models.checkpoints import load_checkpoint_dir
+from projidx.models.diffusion import QUERY_NOISE, TRAIN_NOISE, diffusion_loss, noise_for, q_sample, timestep_grid
+from projidx.models.training import TrainConfig, train
+from projidx.search.index import build_index, load_index
+from projidx.search.scoring import METHODS, exact_scores, exact_topk, query_vectors
+from projidx.store.feature_store import FeatureStore
 from tests.conftest import TINY_TRAIN, TINY_UNET
 
-index_module = importlib.import_module("projidx.index")  # the modules, not the functions projidx exports
-train_module = importlib.import_module("projidx.training")
+index_module = importlib.import_module("projidx.search.index")  # the modules, not the functions projidx exports
+train_module = importlib.import_module("projidx.models.training")
 
 SEED = 5
 S, R, K = 3, 2, 3
@@ -233,8 +233,8 @@ def test_query_features_are_refused_by_another_store(tmp_path, tiny_ckpts, tiny_
 def test_factorized_query_features_equal_projecting_materialized_gradients(tmp_path, tiny_ckpts, tiny_data,
                                                                            tiny_queries):
     """The query side through layer factors (R draws as positions) equals projecting vmap's full gradients."""
-    from projidx.grads import GradientComputer
-    from projidx.projection import make_projector
+    from projidx.features.grads import GradientComputer
+    from projidx.features.projection import make_projector
 
     store = featurize(tiny_ckpts, tiny_data, tmp_path / "f.zarr",
                       FeaturizeConfig(projector="factorized", proj_dim=64, dtype="float32", objective="loss"),

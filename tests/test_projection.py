@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from projidx.projection import ProjectorSpec, make_projector
+from projidx.features.projection import ProjectorSpec, make_projector
 
 SHAPES = {"conv.weight": (8, 4, 3, 3), "conv.bias": (8,), "lin.weight": (300, 20), "norm.weight": (5,)}
 

@@ -7,18 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from projidx import factorized
-from projidx.diffusion import NoiseSchedule
-from projidx.factorized import (
+from projidx.features import factorized
+from projidx.features.factorized import (
     FactorizedGradients,
     LayerFactors,
     factors_are_cheaper,
     layer_sq_norms,
     project_capture,
 )
-from projidx.featurization import FeaturizeConfig, featurize, resolve_projector
-from projidx.grads import GradientComputer, parameter_shapes
-from projidx.projection import ProjectorSpec, kronecker_dims, make_projector
+from projidx.features.featurization import FeaturizeConfig, featurize, resolve_projector
+from projidx.features.grads import GradientComputer, parameter_shapes
+from projidx.features.projection import ProjectorSpec, kronecker_dims, make_projector
+from projidx.models.diffusion import NoiseSchedule
 
 
 class TinyEps(nn.Module):

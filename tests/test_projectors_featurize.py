@@ -7,10 +7,10 @@ import importlib
 import numpy as np
 import pytest
 
-from projidx.featurization import FeaturizeConfig, featurize, projection_rows
-from projidx.projection import KINDS, ProjectorSpec, make_projector
+from projidx.features.featurization import FeaturizeConfig, featurize, projection_rows
+from projidx.features.projection import KINDS, ProjectorSpec, make_projector
 
-featurize_module = importlib.import_module("projidx.featurization")  # the package exports a function of that name
+featurize_module = importlib.import_module("projidx.features.featurization")  # projidx exports a function of that name
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("identity", "sjlt")])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from projidx.diffusion import NoiseSchedule
-from projidx.factorized import FactorizedGradients, project_capture
-from projidx.grads import GradientComputer, parameter_shapes
-from projidx.projection import KINDS, ProjectorSpec, make_projector
-from projidx.unet import SmallUNet, UNetConfig
+from projidx.features.factorized import FactorizedGradients, project_capture
+from projidx.features.grads import GradientComputer, parameter_shapes
+from projidx.features.projection import KINDS, ProjectorSpec, make_projector
+from projidx.models.diffusion import NoiseSchedule
+from projidx.models.unet import SmallUNet, UNetConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

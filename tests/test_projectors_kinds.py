@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from projidx.projection import (
+from projidx.features.projection import (
     KINDS,
     DenseProjector,
     ProjectorSpec,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from projidx.checkpoints import MANIFEST
 from projidx.files import file_sha256
-from projidx.store import FeatureStore, WriterLock
+from projidx.models.checkpoints import MANIFEST
+from projidx.store.feature_store import FeatureStore, WriterLock
 from tests.conftest import save_npz
 from tests.test_cli import assert_clean_error, run, tree_digest
 
@@ -30,7 +30,7 @@ def arrays_of(store: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """24 digits as a uint8 .npz with ids 500..523."""
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     d = load_dataset("digits").subset(slice(0, 24))
     images = ((d.images.numpy()[:, 0] + 1) * 127.5).round().astype(np.uint8)
@@ -111,7 +111,7 @@ def test_tampered_array_metadata_is_rebuilt_by_featurize(copy, digits):
 
 @pytest.mark.parametrize("fail_at", [1, 5, 11])  # 11 arrays: ids + 5 per checkpoint
 def test_an_interrupted_creation_leaves_nothing_behind(tmp_path, built, digits, monkeypatch, fail_at):
-    import projidx.store as store_module
+    import projidx.store.feature_store as store_module
 
     calls, real = [], store_module._array
 
@@ -174,7 +174,7 @@ def index_file(index: Path, method: str) -> Path:
 def test_a_damaged_index_is_refused_and_rebuilt_by_index(copy, digits, damage, monkeypatch):
     index = copy / "s.zarr.index"
     if damage == "npy-row":
-        import projidx.index as index_module
+        import projidx.search.index as index_module
 
         monkeypatch.setattr(index_module, "faiss_module", lambda: None)
         run("index", "--store", copy / "s.zarr", "--method", "retrac")
@@ -200,7 +200,7 @@ def test_a_damaged_index_is_refused_and_rebuilt_by_index(copy, digits, damage, m
 def test_failed_index_and_results_writes_leave_no_partial_file(copy, digits, monkeypatch):
     import faiss
 
-    import projidx.attribution as attribution_module
+    import projidx.search.attribution as attribution_module
 
     before = sorted((copy / "s.zarr.index").iterdir())
     good = file_sha256(index_file(copy / "s.zarr.index", "retrac"))
@@ -325,7 +325,7 @@ def test_os_errors_while_writing_are_one_line_and_resumable(tmp_path, built, dig
 
 
 def test_ctrl_c_and_memory_errors_are_one_line(tmp_path, built, digits, monkeypatch):
-    import projidx.featurization as featurization
+    import projidx.features.featurization as featurization
 
     shutil.copytree(built / "ck", tmp_path / "ck")
 
@@ -350,7 +350,7 @@ def test_ctrl_c_during_start_up_is_one_line():
     code = ("import builtins, sys\n"
             "real = builtins.__import__\n"
             "def imp(name, *a, **k):\n"
-            "    if name == 'projidx.cli': raise KeyboardInterrupt\n"
+            "    if name == 'projidx.cli.main': raise KeyboardInterrupt\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = imp\n"
             "sys.argv = ['projidx', '--help']\n"

@@ -34,7 +34,7 @@ LIMITS = ServeLimits(max_images=4, max_noise_draws=8, max_gradients=512, max_upl
 
 
 def featurize_and_index(d: Path, ckpt_dir: Path, store: Path, rows: slice = slice(0, 40), proj_dim: int = 32) -> None:
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     digits = load_dataset("digits").subset(rows)
     np.savez(d / "train.npz", images=((digits.images.numpy() + 1) * 127.5).round().astype(np.uint8),
@@ -50,7 +50,7 @@ def built(tmp_path_factory, tiny_ckpt_dir):
     digits as an .npz and as PNGs."""
     from PIL import Image
 
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     d = tmp_path_factory.mktemp("serve")
     featurize_and_index(d, tiny_ckpt_dir, d / "s.zarr")
@@ -65,7 +65,7 @@ def built(tmp_path_factory, tiny_ckpt_dir):
 
 @pytest.fixture(scope="module")
 def client(built):
-    from projidx.service import QueryService, create_app
+    from projidx.cli.service import QueryService, create_app
 
     service = QueryService(str(built / "s.zarr"), limits=ServeLimits(**{**LIMITS.__dict__,
                                                                          "data_root": str(built / "root")}))
@@ -170,7 +170,7 @@ def test_no_file_outside_the_data_root_is_read_and_all_refusals_read_alike(clien
 
 
 def test_without_a_data_root_no_data_spec_is_read(built):
-    from projidx.service import QueryService, create_app
+    from projidx.cli.service import QueryService, create_app
 
     app = create_app(QueryService(str(built / "s.zarr"), limits=LIMITS)).test_client()
     for spec in (str(built / "root" / "queries.npz"), "/etc/passwd", "queries.npz"):
@@ -232,7 +232,7 @@ def test_image_headers_are_checked_before_any_pixel_is_decoded(client, built):
 
 
 def test_an_unexpected_error_is_a_json_500_and_the_server_answers_after(client, built, monkeypatch):
-    import projidx.service as service_module
+    import projidx.cli.service as service_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nwith a second line")
@@ -245,7 +245,7 @@ def test_an_unexpected_error_is_a_json_500_and_the_server_answers_after(client, 
 
 
 def test_a_busy_model_answers_503_after_the_timeout(built):
-    from projidx.service import QueryService, create_app
+    from projidx.cli.service import QueryService, create_app
 
     service = QueryService(str(built / "s.zarr"), limits=ServeLimits(timeout=0.2))
     app = create_app(service).test_client()
@@ -257,7 +257,7 @@ def test_a_busy_model_answers_503_after_the_timeout(built):
 # ---- authentication -----------------------------------------------------------------------------------------
 
 def test_a_bearer_token_guards_every_endpoint(built, tmp_path, monkeypatch):
-    from projidx.service import TOKEN_ENV, QueryService, create_app, read_token
+    from projidx.cli.service import TOKEN_ENV, QueryService, create_app, read_token
 
     token = "s3cret-token-0123456789"
     (tmp_path / "token").write_text(token + "\n")
@@ -279,7 +279,7 @@ def test_a_bearer_token_guards_every_endpoint(built, tmp_path, monkeypatch):
 # ---- the pinned store ---------------------------------------------------------------------------------------
 
 def test_a_store_rebuilt_under_the_service_is_never_served(built, tiny_ckpt_dir, tmp_path):
-    from projidx.service import QueryService, create_app
+    from projidx.cli.service import QueryService, create_app
 
     shutil.copytree(built / "s.zarr", tmp_path / "s.zarr")
     shutil.copytree(built / "s.zarr.index", tmp_path / "s.zarr.index")
@@ -297,7 +297,7 @@ def test_a_store_rebuilt_under_the_service_is_never_served(built, tiny_ckpt_dir,
 
 
 def test_an_index_not_built_from_the_pinned_store_is_refused(client, built):
-    from projidx.service import QueryService, Unavailable
+    from projidx.cli.service import QueryService, Unavailable
 
     service = QueryService(str(built / "s.zarr"), limits=LIMITS)
     index = service.index("matched")
@@ -318,7 +318,7 @@ def http(url: str, body: bytes | None = None, headers: dict | None = None) -> tu
 
 
 def test_waitress_on_loopback_answers_16_clients_as_projidx_query_and_refuses_in_json(built):
-    from projidx.service import QueryService, create_app, create_server
+    from projidx.cli.service import QueryService, create_app, create_server
 
     limits = ServeLimits(**{**LIMITS.__dict__, "threads": 4})
     server = create_server(create_app(QueryService(str(built / "s.zarr"), limits=limits)), "127.0.0.1", 0, limits)
@@ -368,12 +368,12 @@ def test_an_index_build_killed_before_its_switch_leaves_the_old_pair_working(bui
     shutil.copytree(built / "s.zarr.index", tmp_path / "s.zarr.index")
     before = sorted(p.name for p in (tmp_path / "s.zarr.index").iterdir())
     # SIGKILL at the switch: the new index file is written whole, its sidecar not yet
-    killed = ("import os, signal, sys; import projidx.locations as L; write = L.Location.write_text\n"
+    killed = ("import os, signal, sys; import projidx.store.locations as L; write = L.Location.write_text\n"
               "def kill(self, text):\n"
               "    if self.name.endswith('.json'): os.kill(os.getpid(), signal.SIGKILL)\n"
               "    write(self, text)\n"
               "L.Location.write_text = kill\n"
-              "from projidx.cli import main; main(['index', '--store', sys.argv[1]])")
+              "from projidx.cli.main import main; main(['index', '--store', sys.argv[1]])")
     r = subprocess.run([sys.executable, "-c", killed, str(tmp_path / "s.zarr")], capture_output=True)
     assert r.returncode == -9
     after = sorted(p.name for p in (tmp_path / "s.zarr.index").iterdir())

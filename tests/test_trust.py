@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from projidx.analysis import unique_ratio
-from projidx.checkpoints import CheckpointSet
-from projidx.diffusion import QUERY_NOISE, TRAIN_NOISE, NoiseSchedule, noise_for, timestep_grid
+from projidx.analysis.bias import unique_ratio
 from projidx.errors import ProjidxError
-from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
-from projidx.scoring import exact_scores, matched_vectors, query_vectors, side_vectors, source_ranks
-from projidx.store import StoreMeta
-from projidx.validate import check_queries, failures, shift_one_pixel, validate_store
+from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
+from projidx.models.checkpoints import CheckpointSet
+from projidx.models.diffusion import QUERY_NOISE, TRAIN_NOISE, NoiseSchedule, noise_for, timestep_grid
+from projidx.reports.validate import check_queries, failures, shift_one_pixel, validate_store
+from projidx.search.scoring import exact_scores, matched_vectors, query_vectors, side_vectors, source_ranks
+from projidx.store.feature_store import StoreMeta
 from tests.test_cli import assert_clean_error, run
 
 SHAPE = (1, 8, 8)
@@ -154,7 +154,7 @@ def test_validate_finds_training_images_with_the_defaults(tmp_path, tiny_ckpts, 
 
 
 def test_check_queries_are_the_source_perturbed():
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     train = load_dataset("digits:train").subset(slice(0, 20))
     sets = check_queries(train, np.array([3, 7]), 6 / 255, 0)
@@ -169,14 +169,14 @@ def test_check_queries_are_the_source_perturbed():
 
 def test_validate_thresholds_set_the_exit_status(tmp_path, monkeypatch, tiny_ckpt_dir):
     """The CLI prints the table, writes JSON and exits 1 naming each threshold the default method misses."""
-    import projidx.validate as validate_module
+    import projidx.reports.validate as validate_module
 
     def fake_report(*args, **kwargs):
         check = {"top1": 0.5, "top10": 0.75, "median_rank": 0.5, "ranks": [0, 3]}
         return {"samples": 2, "methods": {"matched": {c: dict(check) for c in ("self", "near-copy", "shift")}}}
 
     train = tmp_path / "train.npz"
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     d = load_dataset("digits").subset(slice(0, 40))
     np.savez(train, images=((d.images.numpy() + 1) * 127.5).round().astype(np.uint8), ids=d.ids.numpy() + 1000)
@@ -193,7 +193,7 @@ def test_validate_thresholds_set_the_exit_status(tmp_path, monkeypatch, tiny_ckp
 
 
 def test_cli_validate_refuses_other_data(tmp_path, tiny_ckpt_dir):
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     d = load_dataset("digits").subset(slice(0, 40))
     train = tmp_path / "train.npz"

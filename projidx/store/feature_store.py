@@ -17,7 +17,7 @@ is chunked along N only, with ``chunk_rows`` rows, and carries a crc32c checksum
 are NaN-filled, so a corrupted, truncated or deleted chunk is detected on read and named. The done record
 binds a chunk's content to its place (a chunk object copied into another row-chunk or checkpoint fails it),
 and the root metadata carries its own digest (an edited ``n`` or grid is refused). A store lives at a local path
-or an fsspec URL (:mod:`projidx.locations`). A new store is created whole: locally built under a temporary name
+or an fsspec URL (:mod:`projidx.store.locations`). A new store is created whole: locally built under a temporary name
 and renamed into place, on an object store uploaded with its root metadata last, so an interrupted creation
 leaves nothing that opens as a store. One writer at a time holds ``STORE.lock`` (:class:`WriterLock`).
 """
@@ -41,10 +41,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
-from projidx.diffusion import NoiseSchedule
 from projidx.errors import ProjidxError, one_line
-from projidx.locations import ROOT, Location
-from projidx.projection import ProjectorSpec
+from projidx.features.projection import ProjectorSpec
+from projidx.models.diffusion import NoiseSchedule
+from projidx.store.locations import ROOT, Location
 
 FORMAT_VERSION = 2  # 2: done records are content digests; the metadata carries a digest
 READABLE_VERSIONS = (1, 2)  # version 1 stores (bool done markers, no digests) are still read
@@ -240,7 +240,7 @@ class Chunk:
 class WriterLock:
     """The one-writer guarantee: ``featurize`` and ``index`` hold ``STORE.lock``, next to the store, for their whole
     run; a second writer gets a one-line refusal naming the holder. Under torchrun rank 0 holds it for every rank
-    (:func:`projidx.featurization.featurize`).
+    (:func:`projidx.features.featurization.featurize`).
 
     On the local file system (paths and file:// URLs) it is an exclusive advisory lock (``fcntl.flock``) on that
     file, which the kernel drops when its process ends, however it ends (kill -9 included). Object stores have no

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from projidx.errors import ProjidxError
-from projidx.features import QueryFeatures, mean_gradient
-from projidx.kernels import KERNEL_METHODS, store_kernel
+from projidx.features.query import QueryFeatures, mean_gradient
+from projidx.search.kernels import KERNEL_METHODS, store_kernel
 from projidx.seeding import generator
 from projidx.settings import METHODS
-from projidx.store import FeatureStore
+from projidx.store.feature_store import FeatureStore
 
 
 def default_method(store: FeatureStore) -> str:

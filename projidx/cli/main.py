@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from projidx.dist import PeerError, world_from_env
 from projidx.errors import ProjidxError, one_line
+from projidx.features.dist import PeerError, world_from_env
 from projidx.settings import (
     GRIDS,
     METHODS,
@@ -116,7 +116,7 @@ def _data(spec: str, value_range: str, resize: str | None, image_column: str = "
           label_column: str | None = None, stream: bool = False):
     """The dataset of a --data spec read with --value-range / --resize / --image-column / --label-column
     (``stream``: images left on disk where the kind allows, data.StreamedImages)."""
-    from projidx.data import load_dataset
+    from projidx.data.datasets import load_dataset
 
     size = None
     if resize is not None:
@@ -172,10 +172,10 @@ def main() -> None:
 def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule, force, value_range,
           resize, image_column, label_column) -> None:
     """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
-    from projidx.diffusion import NoiseSchedule
-    from projidx.training import TrainConfig
-    from projidx.training import train as run_train
-    from projidx.unet import UNetConfig
+    from projidx.models.diffusion import NoiseSchedule
+    from projidx.models.training import TrainConfig
+    from projidx.models.training import train as run_train
+    from projidx.models.unet import UNetConfig
 
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise ProjidxError(f"--out {out} is not empty: its checkpoints may be what stores were built from; choose"
@@ -199,7 +199,7 @@ def checkpoint_options(fn):
 
 def _checkpoints(locations: tuple[str, ...], weights: str | None):
     """The CheckpointSet of --checkpoints / --checkpoint-weights."""
-    from projidx.checkpoints import load_checkpoints
+    from projidx.models.checkpoints import load_checkpoints
 
     values = None
     if weights is not None:
@@ -257,7 +257,7 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
-    from projidx.featurization import featurize as run_featurize
+    from projidx.features.featurization import featurize as run_featurize
 
     _check_device(device)
     _threads(threads)
@@ -284,8 +284,8 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
 def _recorded_unless_given(store: str, values: dict) -> dict:
     """For an existing store: its recorded settings for every option left at its default, so that resuming needs
     no flags but --checkpoints, --data and --store (an option given explicitly is compared, not replaced)."""
-    from projidx.featurization import recorded_settings
-    from projidx.store import FeatureStore, store_exists
+    from projidx.features.featurization import recorded_settings
+    from projidx.store.feature_store import FeatureStore, store_exists
 
     try:
         if not store_exists(store):
@@ -326,9 +326,9 @@ def _flags(cls, **values):
 @_fail_cleanly
 def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall_queries) -> None:
     """Build a top-k index whose inner product is the method's score (streamed, with a recall report)."""
-    from projidx.index import IndexConfig, build_index, read_sidecar
-    from projidx.scoring import default_method
-    from projidx.store import FeatureStore
+    from projidx.search.index import IndexConfig, build_index, read_sidecar
+    from projidx.search.scoring import default_method
+    from projidx.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store)
     method = method or default_method(fs)
@@ -366,10 +366,10 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
           device, ckpt_dir, train_data, value_range, resize, image_column, label_column) -> None:
     """Top-k influential training samples for each query image."""
-    from projidx.attribution import attribute, has_file_names, store_checkpoints, store_dataset, training_images
     from projidx.files import write_text_atomic
-    from projidx.scoring import default_method
-    from projidx.store import FeatureStore
+    from projidx.search.attribution import attribute, has_file_names, store_checkpoints, store_dataset, training_images
+    from projidx.search.scoring import default_method
+    from projidx.store.feature_store import FeatureStore
 
     _check_device(device)
     fs = FeatureStore.open(store)
@@ -385,7 +385,7 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
         result.names = train.display_names(result.ids)
     write_text_atomic(out, json.dumps(result.to_json(), indent=1))
     if png:
-        from projidx.viz import attribution_grid
+        from projidx.reports.viz import attribution_grid
 
         attribution_grid(png, queries.images.numpy(), training_images(fs, result.ids, train), result.scores,
                          title=method, labels=train.display_names(result.ids),
@@ -417,7 +417,7 @@ def _search_line(search: dict) -> str:
 @_fail_cleanly
 def info(store) -> None:
     """Print a store's metadata and completeness."""
-    from projidx.store import FeatureStore
+    from projidx.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store)
     meta = fs.meta.to_dict()
@@ -429,7 +429,7 @@ def info(store) -> None:
 
 def _indices(fs) -> dict:
     """{method: factory, dimension, recall report} of each index built over the store (or why it is unusable)."""
-    from projidx.index import index_dir, read_sidecar
+    from projidx.search.index import index_dir, read_sidecar
 
     out = {}
     for sidecar in index_dir(fs).glob("*.json"):
@@ -468,10 +468,10 @@ def _indices(fs) -> dict:
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
              min_near_top10, min_shift_top10, ckpt_dir, value_range, resize, image_column, label_column) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
-    from projidx.attribution import store_checkpoints, store_dataset
-    from projidx.scoring import default_method
-    from projidx.store import FeatureStore
-    from projidx.validate import CHECKS, failures, validate_store
+    from projidx.reports.validate import CHECKS, failures, validate_store
+    from projidx.search.attribution import store_checkpoints, store_dataset
+    from projidx.search.scoring import default_method
+    from projidx.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store)
     train = _data(data, value_range, resize, image_column, label_column, stream=True) if data else store_dataset(fs)
@@ -511,9 +511,9 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
 @_fail_cleanly
 def sample(locations, weights, out, count, steps, seed, which, labels) -> None:
     """Generate images with deterministic DDIM from a checkpoint, as queries for 'projidx query'."""
-    from projidx.checkpoints import check_blob
-    from projidx.diffusion import ddim_sample, model_conditioning
     from projidx.files import atomic_path
+    from projidx.models.checkpoints import check_blob
+    from projidx.models.diffusion import ddim_sample, model_conditioning
 
     ckpts = _checkpoints(locations, weights)
     by_id = {c.id: c for c in ckpts.checkpoints}
@@ -612,7 +612,7 @@ def serve(store, host, port, device, threads, timeout, max_images, max_noise_dra
         import waitress  # noqa: F401
     except ImportError:
         raise ProjidxError("projidx serve needs Flask and waitress: pip install 'projidx[serve]'") from None
-    from projidx.service import QueryService, create_app, create_server, read_token
+    from projidx.cli.service import QueryService, create_app, create_server, read_token
 
     limits = _flags(ServeLimits, max_images=max_images, max_noise_draws=max_noise_draws, max_gradients=max_gradients,
                     max_upload_bytes=max_upload_bytes, timeout=timeout, threads=threads, data_root=data_root,
@@ -643,8 +643,8 @@ def analyze() -> None:
 @_fail_cleanly
 def analyze_timestep_bias(store, out) -> None:
     """Distribution of exact per-sample gradient norms per checkpoint and timestep."""
-    from projidx.reports import timestep_bias_report
-    from projidx.store import FeatureStore
+    from projidx.reports.analyze import timestep_bias_report
+    from projidx.store.feature_store import FeatureStore
 
     bias = timestep_bias_report(FeatureStore.open(store), Path(out))
     ratios = {cid: round(c["median_max_min_ratio"], 2) for cid, c in bias["checkpoints"].items()}
@@ -665,9 +665,9 @@ def analyze_timestep_bias(store, out) -> None:
 @_fail_cleanly
 def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit, ckpt_dir) -> None:
     """TracIn vs ReTrac specificity: unique ratio and generally influential samples."""
-    from projidx.attribution import store_checkpoints
-    from projidx.reports import influence_report
-    from projidx.store import FeatureStore
+    from projidx.reports.analyze import influence_report
+    from projidx.search.attribution import store_checkpoints
+    from projidx.store.feature_store import FeatureStore
 
     queries = _data(data, "auto", None).subset(slice(0, limit))
     fs = FeatureStore.open(store)
@@ -688,9 +688,9 @@ def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, lim
 @_fail_cleanly
 def analyze_self_influence(store, out, query_timesteps, noise_draws, ckpt_dir, train_data) -> None:
     """Each training sample's influence on itself, per method (outliers score high)."""
-    from projidx.attribution import store_checkpoints, store_dataset
-    from projidx.reports import self_influence_report
-    from projidx.store import FeatureStore
+    from projidx.reports.analyze import self_influence_report
+    from projidx.search.attribution import store_checkpoints, store_dataset
+    from projidx.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store)
     report = self_influence_report(fs, Path(out), query_timesteps, noise_draws,
@@ -743,9 +743,9 @@ def evaluate_memorization(data, out, base, sources, copies, generate, steps, see
                           value_range, resize, image_column, label_column) -> None:
     """Plant copies of a few training images, train, generate, and report how often each method ranks a copy of
     the image a generation reproduces first (and in the top k)."""
-    from projidx.evaluation import evaluate_memorization as run
-    from projidx.training import TrainConfig
-    from projidx.unet import UNetConfig
+    from projidx.models.training import TrainConfig
+    from projidx.models.unet import UNetConfig
+    from projidx.reports.evaluation import evaluate_memorization as run
 
     config = _flags(MemorizationConfig, base=base, sources=sources, copies=copies, generate=generate, steps=steps,
                     seed=seed, quantile=quantile, top_k=top_k)
@@ -793,8 +793,8 @@ def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, o
                  value_range, resize, image_column, label_column) -> None:
     """Retrain on random subsets of a store's training rows and report how well each method's scores predict the
     change of the queries' loss (the linear datamodeling score)."""
-    from projidx.evaluation import evaluate_lds as run
-    from projidx.store import FeatureStore
+    from projidx.reports.evaluation import evaluate_lds as run
+    from projidx.store.feature_store import FeatureStore
 
     config = _flags(LDSConfig, subsets=subsets, alpha=alpha, seed=seed, output_timesteps=output_timesteps,
                     output_draws=output_draws, workers=workers)
@@ -817,7 +817,7 @@ def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, o
 @_fail_cleanly
 def demo(out, cache) -> None:
     """Train (or reuse) a DDPM on digits, index it, and attribute held-out digits with TracIn and ReTrac."""
-    from projidx.demo import run_demo
+    from projidx.cli.demo import run_demo
 
     report = run_demo(Path(out), cache)
     click.echo(json.dumps(report["summary"], indent=2))

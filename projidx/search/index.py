@@ -1,6 +1,6 @@
 """Top-k indices over a store, built so that inner product equals a method's score.
 
-The training vectors of :mod:`projidx.scoring` (checkpoint weights, normalization and timestep aggregation folded
+The training vectors of :mod:`projidx.search.scoring` (checkpoint weights, normalization and timestep aggregation folded
 in) go into a FAISS index made from an index-factory string ("Flat", "IVF1024,Flat", "IVF1024,SQfp16", "HNSW32",
 "IVF1024,PQ64", ...) with the inner-product metric. Indices live next to the store, in
 ``STORE.index/<method>.faiss`` with a JSON sidecar tying them to the store they came from; for a store on a URL
@@ -46,11 +46,11 @@ import torch
 
 from projidx.errors import ProjidxError, one_line
 from projidx.files import atomic_path, file_sha256
-from projidx.locations import Location
-from projidx.scoring import check_method, chunk_vectors, exact_topk, rescore
+from projidx.search.scoring import check_method, chunk_vectors, exact_topk, rescore
 from projidx.seeding import generator
 from projidx.settings import IndexConfig
-from projidx.store import FeatureStore, WriterLock
+from projidx.store.feature_store import FeatureStore, WriterLock
+from projidx.store.locations import Location
 
 RECALL_K = 10
 

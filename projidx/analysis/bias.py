@@ -12,9 +12,9 @@ import math
 import numpy as np
 from scipy import stats
 
-from projidx.features import QueryFeatures
-from projidx.scoring import check_method, side_vectors
-from projidx.store import FeatureStore
+from projidx.features.query import QueryFeatures
+from projidx.search.scoring import check_method, side_vectors
+from projidx.store.feature_store import FeatureStore
 
 REPLAY_BINS = 20
 

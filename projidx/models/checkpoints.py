@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from projidx.diffusion import LOSSES, PREDICTIONS, NoiseSchedule
 from projidx.errors import ProjidxError, one_line
 from projidx.files import atomic_path, file_sha256, write_text_atomic
-from projidx.unet import SmallUNet, UNetConfig
+from projidx.models.diffusion import LOSSES, PREDICTIONS, NoiseSchedule
+from projidx.models.unet import SmallUNet, UNetConfig
 
 MANIFEST = "manifest.json"
 FORMAT = "projidx-checkpoints/1"
@@ -66,7 +66,7 @@ class Checkpoint:
 
     The file is a projidx ``.pt`` (a dict with ``state_dict`` and replay records) or a bare weights file written
     by diffusers (``.safetensors``, or a ``.bin`` state dict), whose keys get ``key_prefix`` to match the model
-    (``unet.`` for the :class:`~projidx.diffusion.DiffusersEps` adapter)."""
+    (``unet.`` for the :class:`~projidx.models.diffusion.DiffusersEps` adapter)."""
 
     id: str
     path: Path
@@ -160,7 +160,7 @@ def build_model(spec: dict) -> nn.Module:
             from diffusers import UNet2DModel
         except ImportError as e:
             raise ProjidxError("this checkpoint needs diffusers: pip install 'projidx[diffusers]'") from e
-        from projidx.diffusion import DiffusersEps
+        from projidx.models.diffusion import DiffusersEps
 
         return DiffusersEps(UNet2DModel.from_config(spec["config"]))
     raise ProjidxError(f"unknown model kind {kind!r} in the manifest")
@@ -257,7 +257,7 @@ def load_diffusers_folders(folders: list[str | Path], weights: list[float] | Non
         import diffusers
     except ImportError as e:
         raise ProjidxError("diffusers checkpoints need diffusers: pip install 'projidx[diffusers]'") from e
-    from projidx.diffusion import DiffusersEps, prediction_from_diffusers, schedule_from_diffusers
+    from projidx.models.diffusion import DiffusersEps, prediction_from_diffusers, schedule_from_diffusers
 
     paths = [Path(f) for f in folders]
     if not paths:

@@ -27,7 +27,7 @@ Kinds (``KINDS``):
   Rademacher / sqrt(k_o), / sqrt(k_i); k_o * k_i = k), i.e. by the Kronecker product P_o (x) P_i, which is
   unbiased but *not* i.i.d. Every other parameter (biases, norms) goes through ``sjlt``. Its fast path
   (:meth:`FactorizedProjector.project_factors`) never forms a per-sample weight gradient:
-  P_o G P_i^T = sum_p (P_o o_p)(P_i i_p)^T over the layer's positions p (see projidx/factorized.py).
+  P_o G P_i^T = sum_p (P_o o_p)(P_i i_p)^T over the layer's positions p (see projidx/features/factorized.py).
 - ``identity``: no projection (proj_dim = number of parameters): the exact reference.
 
 Shapes: B gradients, p_name coordinates of a parameter, k = proj_dim.

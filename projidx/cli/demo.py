@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from projidx.analysis import unique_ratio
-from projidx.attribution import attribute, training_images
-from projidx.checkpoints import CheckpointSet, load_checkpoint_dir
-from projidx.data import load_dataset
-from projidx.errors import ProjidxError
-from projidx.featurization import FeaturizeConfig, featurize, featurize_queries
-from projidx.index import build_index
-from projidx.training import TrainConfig, train
-from projidx.viz import attribution_grid
+from projidx.analysis.bias import unique_ratio
+from projidx.data.datasets import load_dataset
+from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
+from projidx.models.training import TrainConfig, cached_model
+from projidx.reports.viz import attribution_grid
+from projidx.search.attribution import attribute, training_images
+from projidx.search.index import build_index
 
 DEMO_TRAIN = TrainConfig(epochs=30, checkpoints=4, seed=0, loss="mse", lr=1e-3, batch_size=64)
 DEMO_FEATURIZE = FeaturizeConfig()  # featurize's defaults (sjlt k=2048, 10 midpoints, shared noise, dtrak)
@@ -27,27 +23,6 @@ DEMO_METHODS = ("matched", "retrac", "tracin")  # the default look-up method, th
 TITLES = {"matched": "Timestep-matched cosine", "retrac": "Diffusion-ReTrac", "tracin": "Diffusion-TracIn"}
 DEMO_QUERIES = 8
 DEMO_TOP_K = 8
-
-
-def cache_dir(cache: str | Path | None = None) -> Path:
-    """Where trained models are cached: ``cache``, else $PROJIDX_CACHE, else ~/.cache/projidx."""
-    return Path(cache or os.environ.get("PROJIDX_CACHE") or Path.home() / ".cache" / "projidx")
-
-
-def cached_model(data, config: TrainConfig, cache: str | Path | None) -> CheckpointSet:
-    """Train ``config`` on ``data`` once; later calls with the same inputs reuse the checkpoints."""
-    key = hashlib.sha256(f"{config}|{data.fingerprint()}".encode()).hexdigest()[:16]
-    target = cache_dir(cache) / f"model-{key}"
-    if (target / "manifest.json").is_file():
-        try:
-            return load_checkpoint_dir(target)
-        except ProjidxError:
-            shutil.rmtree(target)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    train(data, partial, config)
-    partial.rename(target)
-    return load_checkpoint_dir(target)
 
 
 def run_demo(out: Path, cache: str | Path | None = None) -> dict:

@@ -11,7 +11,7 @@ training row's. With a grid of timesteps phi is the mean over the grid of the pr
 ``tracin`` side vector without the checkpoint weight. Checkpoints are combined as TRAK combines models: the mean
 of their scores.
 
-The kernel is applied to the query (:func:`projidx.scoring.query_vectors`), so training vectors stay as stored
+The kernel is applied to the query (:func:`projidx.search.scoring.query_vectors`), so training vectors stay as stored
 and FAISS indices still answer by inner product: score = sum_c <K_c phi_c(q) / C, phi_c(x)>, the 1/C split as
 1/sqrt(C) on each side.
 
@@ -34,9 +34,9 @@ import json
 import numpy as np
 
 from projidx.errors import ProjidxError
-from projidx.features import mean_gradient
-from projidx.locations import Location
-from projidx.store import FeatureStore
+from projidx.features.query import mean_gradient
+from projidx.store.feature_store import FeatureStore
+from projidx.store.locations import Location
 
 KERNEL_METHODS = ("dtrak",)
 RIDGE = 0.1  # lambda as a fraction of the Gram matrix's mean eigenvalue

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from projidx import analysis, viz
-from projidx.attribution import attribute, store_checkpoints, store_dataset
-from projidx.checkpoints import CheckpointSet
-from projidx.data import Dataset, ImageSet
-from projidx.featurization import featurize_queries
-from projidx.store import FeatureStore
+from projidx.analysis import bias as analysis
+from projidx.data.datasets import Dataset, ImageSet
+from projidx.features.featurization import featurize_queries
+from projidx.models.checkpoints import CheckpointSet
+from projidx.reports import viz
+from projidx.search.attribution import attribute, store_checkpoints, store_dataset
+from projidx.store.feature_store import FeatureStore
 
 
 def _label(data: Dataset, row: int) -> str:

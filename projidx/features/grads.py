@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from projidx.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
+from projidx.models.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
 
 if TYPE_CHECKING:
-    from projidx.projection import Projector
+    from projidx.features.projection import Projector
 
 Grads = dict[str, torch.Tensor]
 Projected = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -28,7 +28,7 @@ Conditioning = dict[str, torch.Tensor]  # model inputs besides (x_t, t), batch f
 
 class GradientSource(Protocol):
     """What featurization needs of a per-sample gradient source (:class:`GradientComputer` for any model, or
-    ``projidx.factorized.FactorizedGradients`` from one batched pass where every trainable layer is supported):
+    ``projidx.features.factorized.FactorizedGradients`` from one batched pass where every trainable layer is supported):
     a checkpoint's weights in; projected gradients with exact norms out."""
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...

@@ -7,7 +7,7 @@ Training side, per checkpoint c and sample x (METHOD.md):
 With ``train_draws`` D > 1 each of those gradients is averaged over D noise draws (the paper: D = 1).
 Query side, per checkpoint c, query x' and timestep t of the query grid S: gbar_c(x', t), the gradient
 of the loss averaged over R noise draws.
-Every noise comes from :func:`projidx.diffusion.noise_for` under the store's noise policy: ``shared`` (the
+Every noise comes from :func:`projidx.models.diffusion.noise_for` under the store's noise policy: ``shared`` (the
 default: (noise seed, checkpoint index, timestep, draw), the same for every sample and for both sides, so a
 query's draw r meets the training side's draw r) or ``per-sample`` (also the sample id and the side: the two
 sides never share a noise). Results do not depend on batch size, chunking, order or machine.
@@ -25,9 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from projidx.checkpoints import CheckpointSet, check_blob
-from projidx.data import Dataset, ImageSet
-from projidx.diffusion import (
+from projidx.data.datasets import Dataset, ImageSet
+from projidx.errors import ProjidxError, one_line
+from projidx.features.dist import World, process_group
+from projidx.features.factorized import FactorizedGradients, factorizable_modules
+from projidx.features.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
+from projidx.features.projection import Projector, ProjectorSpec, make_projector
+from projidx.features.query import QueryFeatures
+from projidx.models.checkpoints import CheckpointSet, check_blob
+from projidx.models.diffusion import (
     QUERY_NOISE,
     TRAIN_NOISE,
     NoiseDraws,
@@ -35,15 +41,9 @@ from projidx.diffusion import (
     model_conditioning,
     timestep_grid,
 )
-from projidx.dist import World, process_group
-from projidx.errors import ProjidxError, one_line
-from projidx.factorized import FactorizedGradients, factorizable_modules
-from projidx.features import QueryFeatures
-from projidx.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
-from projidx.locations import Location
-from projidx.projection import Projector, ProjectorSpec, make_projector
 from projidx.settings import GRIDS, FeaturizeConfig, check_grid_size
-from projidx.store import Chunk, FeatureStore, StoreMeta, WriterLock, store_exists
+from projidx.store.feature_store import Chunk, FeatureStore, StoreMeta, WriterLock, store_exists
+from projidx.store.locations import Location
 
 PROJECT_BUFFER_BYTES = 1 << 30  # most gradient bytes held to batch a projection call (dense projector)
 
@@ -185,7 +185,7 @@ def featurize(
     called after each chunk is written. In replay mode ``data`` must be the data the checkpoints were trained on
     (the manifest's dataset fingerprint), unless ``allow_other_data`` (then a warning is printed).
 
-    Under ``torchrun`` with W > 1 ranks (:mod:`projidx.dist`) every rank calls this with the same arguments:
+    Under ``torchrun`` with W > 1 ranks (:mod:`projidx.features.dist`) every rank calls this with the same arguments:
     rank 0 takes the lock and creates or repairs the store, then each rank checks its share of the done chunks
     and computes its share of the pending ones (whole row-chunks: one writer per chunk object). The store is
     the one-process run's bit for bit, given the same torch thread count per process (torch's CPU kernels sum
@@ -378,7 +378,7 @@ def _featurize_rows(
 ) -> Chunk:
     """Features of ``rows`` at checkpoint index ``c``: times (n, G) timesteps per sample; at each, the gradient
     of the loss averaged over the ``noise`` draws (training or query side), the model given the ``conditioning``
-    inputs it takes (:func:`projidx.diffusion.model_conditioning`) from ``rows``.
+    inputs it takes (:func:`projidx.models.diffusion.model_conditioning`) from ``rows``.
 
     Gradients are computed ``batch_size`` evaluations at a time (samples x timesteps x draws) and projected in
     calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).

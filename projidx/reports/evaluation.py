@@ -1,5 +1,5 @@
 """``projidx evaluate``: ground truth, end to end. ``memorization`` on generated images; ``lds`` by retraining on
-random subsets (the linear datamodeling score, :mod:`projidx.lds`; the last section of this module).
+random subsets (the linear datamodeling score, :mod:`projidx.analysis.lds`; the last section of this module).
 
 ``memorization``:
 
@@ -12,7 +12,7 @@ random subsets (the linear datamodeling score, :mod:`projidx.lds`; the last sect
    ``projidx sample`` writes them).
 4. Featurize the planted set with the given settings (featurize's defaults unless told) and rank every training row
    for every generation under each method the store scores (exact scan), and by pixel distance (the yardstick).
-5. Report (:mod:`projidx.memorization`): for generations that reproduce a source, how often a copy is first and
+5. Report (:mod:`projidx.analysis.memorization`): for generations that reproduce a source, how often a copy is first and
    in the top k; for the others, where the data has labels, the share of the top k with the generation's label
    (a logistic-regression pixel classifier labels the generations; its held-out accuracy is reported).
 
@@ -39,22 +39,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from projidx.checkpoints import CheckpointSet, check_blob, load_checkpoints
-from projidx.data import ImageSet, load_dataset
-from projidx.demo import cached_model
-from projidx.diffusion import ddim_sample, timestep_grid
+from projidx.analysis.memorization import memorization_summary, planted_layout, reproductions
+from projidx.cli.demo import cached_model
+from projidx.data.datasets import ImageSet, load_dataset
 from projidx.errors import ProjidxError, one_line
-from projidx.featurization import featurize, featurize_queries
+from projidx.features.featurization import featurize, featurize_queries
 from projidx.files import atomic_path, file_sha256, write_text_atomic
-from projidx.memorization import memorization_summary, planted_layout, reproductions
-from projidx.scoring import default_method, exact_scores, exact_topk, query_vectors, scorable_methods
+from projidx.models.checkpoints import CheckpointSet, check_blob, load_checkpoints
+from projidx.models.diffusion import ddim_sample, timestep_grid
+from projidx.models.training import TrainConfig
+from projidx.search.scoring import default_method, exact_scores, exact_topk, query_vectors, scorable_methods
 from projidx.settings import FeaturizeConfig, LDSConfig, MemorizationConfig
-from projidx.store import FeatureStore
-from projidx.training import TrainConfig
+from projidx.store.feature_store import FeatureStore
 
 
 def planted_set(data: ImageSet, config: MemorizationConfig) -> tuple[ImageSet, np.ndarray]:
-    """The planted training set and its (N,) source layout (:func:`projidx.memorization.planted_layout`)."""
+    """The planted training set and its (N,) source layout (:func:`projidx.analysis.memorization.planted_layout`)."""
     need = config.base + config.sources
     if len(data) < need:
         raise ProjidxError(f"data {data.name}: {len(data)} images, planting needs base + sources = {need}")
@@ -186,7 +186,7 @@ def _pixel_ranking(generated: ImageSet, train: ImageSet, k: int) -> np.ndarray:
 
 def _picture(path: Path, generated: ImageSet, train: ImageSet, memorized: np.ndarray, ranked: np.ndarray,
              method: str, rows: int = 8, k: int = 6) -> None:
-    from projidx.viz import attribution_grid
+    from projidx.reports.viz import attribution_grid
 
     pick = np.flatnonzero(memorized)[:rows]
     if len(pick) == 0:
@@ -207,9 +207,9 @@ OUTPUT_SEED = 424242  # the fixed noises of the measured output (never a store's
 
 def recipe_from_manifest(ckpts: CheckpointSet) -> TrainConfig:
     """The :class:`TrainConfig` a projidx checkpoint directory was trained with (its manifest records it)."""
-    from projidx.checkpoints import MANIFEST
-    from projidx.diffusion import NoiseSchedule
-    from projidx.unet import UNetConfig
+    from projidx.models.checkpoints import MANIFEST
+    from projidx.models.diffusion import NoiseSchedule
+    from projidx.models.unet import UNetConfig
 
     if ckpts.directory is None:
         raise ProjidxError("these checkpoints were not trained by 'projidx train': retrain them with your own"
@@ -227,7 +227,7 @@ def recipe_from_manifest(ckpts: CheckpointSet) -> TrainConfig:
 def model_output(ckpts: CheckpointSet, queries: ImageSet, timesteps: list[int], draws: int) -> np.ndarray:
     """(Q,) each query's diffusion loss under the last checkpoint, averaged over ``timesteps`` and ``draws`` fixed
     noises (seeded by OUTPUT_SEED, the query id, the timestep and the draw)."""
-    from projidx.diffusion import diffusion_loss, model_conditioning, noise_for
+    from projidx.models.diffusion import diffusion_loss, model_conditioning, noise_for
 
     last = ckpts.checkpoints[-1]
     model = ckpts.model
@@ -248,7 +248,7 @@ def model_output(ckpts: CheckpointSet, queries: ImageSet, timesteps: list[int], 
 def _retrain(job: dict) -> np.ndarray:
     """One retrain of ``evaluate lds`` (a process of its own when there are several workers): train on the subset
     (projidx's recipe, or the command), measure the queries' outputs, save them; returns them (Q,)."""
-    from projidx.training import train
+    from projidx.models.training import train
 
     torch.set_num_threads(job["threads"])
     folder = Path(job["folder"])
@@ -262,7 +262,7 @@ def _retrain(job: dict) -> np.ndarray:
             shutil.rmtree(partial, ignore_errors=True)
             train(subset, partial, job["recipe"], progress=False)
             partial.rename(model)
-        from projidx.checkpoints import load_checkpoint_dir
+        from projidx.models.checkpoints import load_checkpoint_dir
 
         ckpts = load_checkpoint_dir(model)
     outputs = model_output(ckpts, job["queries"], job["timesteps"], job["draws"])
@@ -331,11 +331,11 @@ def _read_json(path: Path) -> dict:
 
 def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path, config: LDSConfig = LDSConfig(),
                  train_command: str | None = None, progress: bool = True) -> dict:
-    """LDS of every method each store scores, on the same M retrains (:mod:`projidx.lds`). All stores must hold the
-    same training rows; the model retrained is the first store's (its recipe, or ``train_command``). Writes
-    OUT/lds.json and OUT/lds.png; returns the report."""
-    from projidx.attribution import store_checkpoints, store_dataset
-    from projidx.lds import bootstrap_interval, lds_per_query, subset_masks
+    """LDS of every method each store scores, on the same M retrains (:mod:`projidx.analysis.lds`). All stores
+    must hold the same training rows; the model retrained is the first store's (its recipe, or ``train_command``).
+    Writes OUT/lds.json and OUT/lds.png; returns the report."""
+    from projidx.analysis.lds import bootstrap_interval, lds_per_query, subset_masks
+    from projidx.search.attribution import store_checkpoints, store_dataset
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +370,7 @@ def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path,
               "results": rows, "per_query": per_query, "retrain_s": retrain_s,
               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"}
     write_text_atomic(out / "lds.json", json.dumps(report, indent=1))
-    from projidx.viz import lds_plot
+    from projidx.reports.viz import lds_plot
 
     lds_plot(out / "lds.png", rows)
     return report

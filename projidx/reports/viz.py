@@ -85,7 +85,7 @@ def _short(text: str, limit: int = 14) -> str:
 def norm_vs_timestep(path: str | Path, bias: dict) -> None:
     """Median gradient norm (p10-p90 band) against timestep, log scale, one line per checkpoint.
 
-    bias: the dict of :func:`projidx.analysis.timestep_bias`.
+    bias: the dict of :func:`projidx.analysis.bias.timestep_bias`.
     """
     fig, ax = plt.subplots(figsize=(6, 4))
     for cid, entry in bias["checkpoints"].items():

@@ -6,17 +6,20 @@ epoch; that draw is recorded so that featurization can replay it (the paper's re
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from projidx.checkpoints import CheckpointSet, load_checkpoint_dir, save_checkpoint, write_manifest
-from projidx.data import ImageSet
-from projidx.diffusion import NoiseSchedule, diffusion_loss
+from projidx.data.datasets import ImageSet
 from projidx.errors import ProjidxError
-from projidx.unet import SmallUNet, UNetConfig
+from projidx.models.checkpoints import CheckpointSet, load_checkpoint_dir, save_checkpoint, write_manifest
+from projidx.models.diffusion import NoiseSchedule, diffusion_loss
+from projidx.models.unet import SmallUNet, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,24 @@ def train(data: ImageSet, out: str | Path, config: TrainConfig, progress: bool =
         "checkpoints": records,
     })
     return load_checkpoint_dir(out)
+
+
+def cache_dir(cache: str | Path | None = None) -> Path:
+    """Where trained models are cached: ``cache``, else $PROJIDX_CACHE, else ~/.cache/projidx."""
+    return Path(cache or os.environ.get("PROJIDX_CACHE") or Path.home() / ".cache" / "projidx")
+
+
+def cached_model(data, config: TrainConfig, cache: str | Path | None) -> CheckpointSet:
+    """Train ``config`` on ``data`` once; later calls with the same inputs reuse the checkpoints."""
+    key = hashlib.sha256(f"{config}|{data.fingerprint()}".encode()).hexdigest()[:16]
+    target = cache_dir(cache) / f"model-{key}"
+    if (target / "manifest.json").is_file():
+        try:
+            return load_checkpoint_dir(target)
+        except ProjidxError:
+            shutil.rmtree(target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    train(data, partial, config)
+    partial.rename(target)
+    return load_checkpoint_dir(target)

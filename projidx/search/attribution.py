@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from projidx.checkpoints import CheckpointSet, load_checkpoint_dir, load_checkpoints, load_diffusers_folders
-from projidx.data import IMAGE_SUFFIXES, DataOptions, Dataset, ImageSet, load_dataset
+from projidx.data.datasets import IMAGE_SUFFIXES, DataOptions, Dataset, ImageSet, load_dataset
 from projidx.errors import ProjidxError
-from projidx.features import QueryFeatures
-from projidx.featurization import check_checkpoints, featurize_queries
-from projidx.index import SearchIndex, load_index
-from projidx.scoring import check_method, exact_topk, query_vectors
-from projidx.store import FeatureStore
+from projidx.features.featurization import check_checkpoints, featurize_queries
+from projidx.features.query import QueryFeatures
+from projidx.models.checkpoints import CheckpointSet, load_checkpoint_dir, load_checkpoints, load_diffusers_folders
+from projidx.search.index import SearchIndex, load_index
+from projidx.search.scoring import check_method, exact_topk, query_vectors
+from projidx.store.feature_store import FeatureStore
 
 
 @dataclass
@@ -88,7 +88,7 @@ def attribute(
     rerank: int | None = None,
 ) -> Attribution:
     """Top-k training samples for each query under ``method`` (exact streaming scan or the saved index).
-    ``query_timesteps`` and ``noise_draws`` default as :func:`projidx.featurization.query_defaults` says."""
+    ``query_timesteps`` and ``noise_draws`` default as :func:`projidx.features.featurization.query_defaults` says."""
     check_method(store, method)
     index = None if exact else load_index(store, method, nprobe=nprobe)  # fail before featurizing
     timings = {}

@@ -8,7 +8,7 @@ samples (R draws each) with the summed per-sample losses L = sum_b L_b, and one 
 layers' *outputs* only (no weight gradients are computed), give every layer's (o_p, i_p) per sample:
 a sample's rows never mix with another's (GroupNorm, never BatchNorm; the model in eval mode).
 
-:class:`~projidx.projection.FactorizedProjector` then projects G as P_o G P_i^T =
+:class:`~projidx.features.projection.FactorizedProjector` then projects G as P_o G P_i^T =
 sum_p (P_o o_p)(P_i i_p)^T without forming G. The exact norm ||G||_F^2 (ReTrac divides by the exact
 full-gradient norm) is sum_{p,q} (o_p . o_q)(i_p . i_q) (Gram trick), costing B P^2 (d_in + d_out).
 Where P is large and channels are few (3x3 convolutions at 28x28 or 32x32) forming G per sample is
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from projidx.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
 from projidx.errors import ProjidxError
-from projidx.grads import Conditioning, GradientComputer, Grads, Projected, trainable_parameters
-from projidx.projection import FactorizedProjector, Projector, kronecker_cost
+from projidx.features.grads import Conditioning, GradientComputer, Grads, Projected, trainable_parameters
+from projidx.features.projection import FactorizedProjector, Projector, kronecker_cost
+from projidx.models.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -79,7 +79,7 @@ def factors_are_cheaper(positions: int, d_in: int, d_out: int, k_o: int, k_i: in
     From the factors: P (d_in k_i + d_out k_o + k_o k_i) for P_i i_p, P_o o_p and the sum of their outer
     products, plus the norm (:func:`norm_cost`), plus with ``groups`` g > 1 the norm of the mean over a group of
     g gradients (g P positions, per sample: 1/g of its cost). From G: P d_in d_out to form it, then
-    :func:`~projidx.projection.kronecker_cost`; its norms cost O(d_in d_out), left out.
+    :func:`~projidx.features.projection.kronecker_cost`; its norms cost O(d_in d_out), left out.
     """
     factors = positions * (d_in * k_i + d_out * k_o + k_o * k_i) + norm_cost(positions, d_in, d_out)
     if groups > 1:
@@ -321,7 +321,8 @@ class CaptureError(ProjidxError):
 class FactorizedGradients:
     """Per-sample layer factors of the attributed function from one batched forward and backward pass.
 
-    A :class:`~projidx.grads.GradientSource` like :class:`~projidx.grads.GradientComputer` (the same gradients,
+    A :class:`~projidx.features.grads.GradientSource` like
+    :class:`~projidx.features.grads.GradientComputer` (the same gradients,
     up to float rounding) for models whose trainable layers are all supported; :meth:`capture` returns the
     factors themselves. With ``fallback``, a model whose forward pass the hooks cannot take apart
     (:class:`CaptureError`) has this and every later batch computed by torch.func instead (for projectors that
@@ -364,7 +365,7 @@ class FactorizedGradients:
 
     def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                 groups: int = 1, conditioning: Conditioning | None = None) -> Projected:
-        """:meth:`projidx.grads.GradientSource.project` from one capture (:func:`project_capture`)."""
+        """:meth:`projidx.features.grads.GradientSource.project` from one capture (:func:`project_capture`)."""
         capture = self._capture_or_fallback(x0, t, eps, conditioning)
         if capture is None:
             return self.vmap.project(projector, x0, t, eps, groups, conditioning)  # type: ignore[union-attr]
@@ -372,7 +373,8 @@ class FactorizedGradients:
 
     def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                    conditioning: Conditioning | None = None) -> Grads:
-        """{name: (B, *shape)} every per-sample gradient, as :meth:`projidx.grads.GradientComputer.per_sample`."""
+        """{name: (B, *shape)} every per-sample gradient, as
+        :meth:`~projidx.features.grads.GradientComputer.per_sample`."""
         capture = self._capture_or_fallback(x0, t, eps, conditioning)
         if capture is None:
             return self.vmap.per_sample(x0, t, eps, conditioning)  # type: ignore[union-attr]
@@ -381,7 +383,7 @@ class FactorizedGradients:
     def capture(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                 conditioning: Conditioning | None = None) -> Capture:
         """Factors of the per-sample gradients of mean_r f(x0_b, t_b, eps_b,r), f the attributed function
-        (:func:`~projidx.diffusion.attribution_output`).
+        (:func:`~projidx.models.diffusion.attribution_output`).
 
         x0: (B, C, H, W); t: (B,) int64; eps: (B, R, C, H, W); conditioning: {name: (B, ...)} model inputs.
         """

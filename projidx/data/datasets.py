@@ -118,8 +118,8 @@ def display_names(data_ids: torch.Tensor, names: tuple[str, ...] | None, ids: np
 def check_conditioning(name: str, fields: dict[str, torch.Tensor | None], needs: dict[str, dict]
                        ) -> dict[str, torch.Tensor]:
     """{model input: (N, ...) tensor} for the conditioning a model ``needs``
-    (:func:`projidx.diffusion.model_conditioning`) from a dataset's ``fields`` (labels, embeddings), checked against
-    the model's requirements (class count, embedding width); ProjidxError naming what the data lacks."""
+    (:func:`~projidx.models.diffusion.model_conditioning`) from a dataset's ``fields`` (labels, embeddings),
+    checked against the model's requirements (class count, embedding width); ProjidxError naming what the data lacks."""
     out = {}
     for need_name, need in needs.items():
         if need_name not in CONDITIONING_FIELDS:

@@ -3,7 +3,7 @@
 A seeded sample of M training rows is queried three ways: the training image itself (self-tracing), the image
 plus light Gaussian pixel noise (a near-copy), and the image shifted by one pixel (edge pixels repeated). For
 each method, the rank of the source row among all N rows is found with the exact scan
-(:func:`projidx.scoring.source_ranks`); the report gives top-1 / top-10 shares and the median rank per check.
+(:func:`projidx.search.scoring.source_ranks`); the report gives top-1 / top-10 shares and the median rank per check.
 A method that cannot find a training image for itself cannot be trusted on anything else.
 """
 
@@ -14,12 +14,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from projidx.checkpoints import CheckpointSet
-from projidx.data import ImageSet, concat
+from projidx.data.datasets import ImageSet, concat
 from projidx.errors import ProjidxError
-from projidx.featurization import featurize_queries
-from projidx.scoring import METHODS, query_vectors, source_ranks
-from projidx.store import FeatureStore
+from projidx.features.featurization import featurize_queries
+from projidx.models.checkpoints import CheckpointSet
+from projidx.search.scoring import METHODS, query_vectors, source_ranks
+from projidx.store.feature_store import FeatureStore
 
 CHECKS = ("self", "near-copy", "shift")
 DEFAULT_SIGMA = 6 / 255  # near-copy noise, in units of the [0, 1] pixel range (the first check a user tried)

@@ -47,15 +47,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projidx.attribution import Attribution, has_file_names, search_report, store_checkpoints, store_dataset
-from projidx.data import BUILTIN, GRAY_MODES, IMAGE_SUFFIXES, ImageSet, concat, from_arrays, load_dataset
+from projidx.data.datasets import BUILTIN, GRAY_MODES, IMAGE_SUFFIXES, ImageSet, concat, from_arrays, load_dataset
 from projidx.errors import ProjidxError, one_line
-from projidx.featurization import featurize_queries, load_state_dicts, query_defaults
-from projidx.index import SearchIndex, load_index, store_digest
-from projidx.locations import ROOT, Location
-from projidx.scoring import check_method, default_method, exact_topk, query_vectors, scorable_methods
+from projidx.features.featurization import featurize_queries, load_state_dicts, query_defaults
+from projidx.search.attribution import Attribution, has_file_names, search_report, store_checkpoints, store_dataset
+from projidx.search.index import SearchIndex, load_index, store_digest
+from projidx.search.scoring import check_method, default_method, exact_topk, query_vectors, scorable_methods
 from projidx.settings import ServeLimits
-from projidx.store import FeatureStore
+from projidx.store.feature_store import FeatureStore
+from projidx.store.locations import ROOT, Location
 
 DATA_SUFFIXES = (*IMAGE_SUFFIXES, ".npz", ".npy")  # what a request may name under the data root
 QUERY_FIELDS = ("method", "top_k", "query_timesteps", "noise_draws", "exact", "rerank")
