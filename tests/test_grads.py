@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from projidx.features.grads import GradientComputer, squared_norms
@@ -82,3 +84,17 @@ def test_dtrak_objective_is_the_gradient_of_the_mean_squared_output():
         model(xt, t[b : b + 1].expand(2)).square().flatten(1).mean(1).mean().backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(batched[name][b], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_model_fingerprint_keeps_the_recorded_class_names():
+    """Stores record the fingerprint: moving a module must not change it (a store built before the sub-package
+    move named SmallUNet projidx.unet.SmallUNet and the diffusers adapter projidx.diffusion.DiffusersEps)."""
+    from projidx.features.grads import model_fingerprint, parameter_shapes
+    from projidx.models.diffusion import DiffusersEps
+
+    model = SmallUNet(UNetConfig(base=8, mults=(1, 2), time_dim=16))
+    h = hashlib.sha256(b"projidx.unet.SmallUNet")
+    for name, shape in parameter_shapes(model).items():
+        h.update(f"{name}:{shape};".encode())
+    assert model_fingerprint(model) == h.hexdigest()
+    assert DiffusersEps.fingerprint_name == "projidx.diffusion.DiffusersEps"

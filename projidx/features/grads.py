@@ -56,8 +56,12 @@ def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model class and its trainable parameters' names and shapes (not their values)."""
-    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    """sha256 of the model class and its trainable parameters' names and shapes (not their values).
+
+    The class is named by its ``fingerprint_name`` where it has one (projidx's own models: the dotted name they
+    had when stores began recording it, so moving a module never orphans a store), else module + qualname."""
+    cls = type(model)
+    h = hashlib.sha256(getattr(cls, "fingerprint_name", f"{cls.__module__}.{cls.__qualname__}").encode())
     for name, shape in parameter_shapes(model).items():
         h.update(f"{name}:{shape};".encode())
     return h.hexdigest()

@@ -226,6 +226,8 @@ class DiffusersEps(nn.Module):
     for a class embedding (``num_class_embeds``), ``encoder_hidden_states`` for cross-attention (a text-conditional
     model, given precomputed embeddings (B, L, cross_attention_dim)). Other extra inputs are refused."""
 
+    fingerprint_name = "projidx.diffusion.DiffusersEps"  # what stores record (grads.model_fingerprint); never change it
+
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet

@@ -61,6 +61,8 @@ class ResBlock(nn.Module):
 class SmallUNet(nn.Module):
     """eps = model(x_t, t): x_t (B, C, H, W) float, t (B,) int64 -> (B, C, H, W)."""
 
+    fingerprint_name = "projidx.unet.SmallUNet"  # what stores record (grads.model_fingerprint); never change it
+
     def __init__(self, config: UNetConfig | None = None) -> None:
         super().__init__()
         self.config = config or UNetConfig()
