@@ -15,6 +15,7 @@ from projidx.analysis.memorization import (
     nearest_rows,
     planted_layout,
     reproductions,
+    wilson_interval,
 )
 from projidx.cli.main import main
 from projidx.errors import ProjidxError
@@ -71,6 +72,16 @@ def test_label_agreement_counts_empty_slots_as_disagreeing():
     labels = np.array([7, 7, 1, 2])
     ranked = np.array([[0, 1, 2, 3], [2, 3, -1, -1]])
     np.testing.assert_allclose(label_agreement(ranked, labels, np.array([7, 2])), [0.5, 0.25])
+
+
+@pytest.mark.parametrize(("hits", "n"), [(0, 5), (10, 12), (52, 53), (53, 53)])
+def test_wilson_interval_equals_scipys(hits, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(hits, n)
+    assert low == pytest.approx(ci.low, abs=2e-4) and high == pytest.approx(ci.high, abs=2e-4)
+    assert low <= hits / n <= high
 
 
 def test_summary_scores_reproductions_and_the_rest_apart():

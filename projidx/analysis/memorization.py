@@ -99,18 +99,30 @@ def label_agreement(ranked_rows: np.ndarray, train_labels: np.ndarray, labels: n
     return same.mean(axis=1)
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% at z = 1.96) of a share of ``hits`` out of ``n`` (n >= 1): how far a top-1
+    share measured on a few memorized generations can be from the share on many."""
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def memorization_summary(ranked_rows: np.ndarray, truth: Reproductions, source_of: np.ndarray,
                          train_labels: np.ndarray | None = None, labels: np.ndarray | None = None) -> dict:
     """The report of one method: over generations that reproduce a source, the share with a copy of it first
-    (``top1``) and in the top k (``topk``) and the mean position of the first copy (k if absent); over the other
+    (``top1``) and in the top k (``topk``), each with its Wilson interval (``top1_interval``, ``topk_interval``),
+    and the mean position of the first copy (k if absent); over the other
     generations, with labels, the mean share of the top k with the generation's label (``label_agreement``)."""
     mem = truth.memorized
     k = ranked_rows.shape[1]
-    out: dict = {"memorized": int(mem.sum()), "k": k, "top1": None, "topk": None, "mean_copy_rank": None,
-                 "label_agreement": None, "others": int((~mem).sum())}
+    out: dict = {"memorized": int(mem.sum()), "k": k, "top1": None, "topk": None, "top1_interval": None,
+                 "topk_interval": None, "mean_copy_rank": None, "label_agreement": None, "others": int((~mem).sum())}
     if mem.any():
         rank = copy_rank(ranked_rows[mem], source_of, truth.source[mem])
-        out.update(top1=float(np.mean(rank == 0)), topk=float(np.mean(rank < k)), mean_copy_rank=float(rank.mean()))
+        out.update(top1=float(np.mean(rank == 0)), topk=float(np.mean(rank < k)), mean_copy_rank=float(rank.mean()),
+                   top1_interval=wilson_interval(int((rank == 0).sum()), len(rank)),
+                   topk_interval=wilson_interval(int((rank < k).sum()), len(rank)))
     if train_labels is not None and labels is not None and (~mem).any():
         out["label_agreement"] = float(label_agreement(ranked_rows[~mem], train_labels, labels[~mem]).mean())
     return out

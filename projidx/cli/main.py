@@ -757,11 +757,12 @@ def evaluate_memorization(data, out, base, sources, copies, generate, steps, see
     k = report["settings"]["top_k"]
     click.echo(f"{report['memorized']} of {report['generated']} generations reproduce a planted image"
                f" (pixel distance < {report['threshold']:.3f})")
-    click.echo(f"{'method':<10} {'top-1':>6} {f'top-{k}':>7} {'copy rank':>9} {'label agr.':>10}")
+    click.echo(f"{'method':<10} {'top-1':>6} {'95% interval':>13} {f'top-{k}':>7} {'copy rank':>9} {'label agr.':>10}")
     for name, row in report["methods"].items():
-        cells = [row["top1"], row["topk"], row["mean_copy_rank"], row["label_agreement"]]
-        click.echo(f"{name:<10} " + " ".join(f"{'-' if v is None else f'{v:.2f}':>{w}}"
-                                              for v, w in zip(cells, (6, 7, 9, 10), strict=True)))
+        interval = "-" if row["top1_interval"] is None else "[{:.2f}, {:.2f}]".format(*row["top1_interval"])
+        cells = [row["top1"], interval, row["topk"], row["mean_copy_rank"], row["label_agreement"]]
+        click.echo(f"{name:<10} " + " ".join(f"{v if isinstance(v, str) else '-' if v is None else f'{v:.2f}':>{w}}"
+                                              for v, w in zip(cells, (6, 13, 7, 9, 10), strict=True)))
     click.echo(f"wrote {Path(out) / 'memorization.json'}")
 
 
