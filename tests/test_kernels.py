@@ -18,6 +18,7 @@ from projidx.models.diffusion import TRAIN_NOISE, diffusion_loss, noise_for
 from projidx.search.kernels import RIDGE, das_residual, kernel_files, regularized_inverse, store_kernel
 from projidx.search.scoring import check_method, exact_scores, exact_topk, query_vectors, scorable_methods
 from projidx.store.feature_store import FeatureStore
+from tests.test_cli import assert_clean_error, run
 
 featurization_module = importlib.import_module("projidx.features.featurization")
 
@@ -164,6 +165,10 @@ def test_a_store_without_losses_refuses_das_in_one_line(tmp_path, tiny_ckpts, ti
     with pytest.raises(ProjidxError) as err:
         check_method(old, "das")
     assert "\n" not in str(err.value) and "training losses" in str(err.value)
+    for args in (["index", "--store", old.path.local, "--method", "das"],
+                 ["query", "--store", old.path.local, "--data", "digits:test", "--limit", 2, "--method", "das",
+                  "--exact", "--out", tmp_path / "r.json"]):
+        assert_clean_error(run(*args, ok=False), "method 'das' needs the training losses")
     # resumed by today's featurize, an older store keeps its own layout (no losses), never half of them
     monkeypatch.setattr(featurization_module, "_store_meta", real)
     resumed = featurize(tiny_ckpts, tiny_data.subset(slice(0, 10)), old.path.local, DAS_CONFIG, progress=False,
