@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from projidx.errors import ProjidxError
 
 LOSSES = ("mse", "l1")
-OBJECTIVES = ("loss", "dtrak")  # what is differentiated: the training loss, or D-TRAK's mean squared output
+OBJECTIVES = ("loss", "dtrak", "output")  # what is differentiated: the training loss, D-TRAK's mean squared output,
+# or DAS's mean output
 SCHEDULES = ("linear", "cosine", "cosine-clipped")  # named beta schedules ("custom": betas given, e.g. by diffusers)
 PREDICTIONS = ("epsilon", "v_prediction")  # the network's output: the noise, or v = sqrt(abar) eps - sqrt(1-abar) x0
 GRIDS = ("midpoints", "paper")  # timestep_grid kinds
@@ -19,7 +20,7 @@ MODES = ("replay", "grid")  # training-side timesteps
 TRAIN_TIMESTEP_MODES = (*MODES, "auto")
 KINDS = ("sjlt", "srht", "dense", "factorized", "identity")  # projector kinds
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector
-METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak")
+METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak", "das")
 VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
 
 

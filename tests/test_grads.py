@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 
 from projidx.features.grads import GradientComputer, squared_norms
@@ -68,11 +69,13 @@ def test_ddim_sampler_is_deterministic_and_in_range():
     assert a.min() >= -1 and a.max() <= 1
 
 
-def test_dtrak_objective_is_the_gradient_of_the_mean_squared_output():
+@pytest.mark.parametrize(("objective", "reduce"), [("dtrak", lambda out: out.square()), ("output", lambda out: out)])
+def test_output_objectives_are_the_gradient_of_the_mean_of_the_output(objective, reduce):
+    """dtrak: D-TRAK's mean squared output; output: DAS's mean output."""
     torch.manual_seed(1)
     model = SmallUNet(UNetConfig(channels=1, base=8, mults=(1, 2), time_dim=16, groups=4))
     schedule = NoiseSchedule()
-    computer = GradientComputer(model, schedule, "mse", objective="dtrak")
+    computer = GradientComputer(model, schedule, "mse", objective=objective)
     x0, t, eps = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([5, 400, 800]), torch.randn(3, 2, 1, 8, 8)
     batched = computer.per_sample(x0, t, eps)
     abar = schedule.alphas_cumprod().float()
@@ -81,7 +84,7 @@ def test_dtrak_objective_is_the_gradient_of_the_mean_squared_output():
         from projidx.models.diffusion import q_sample
 
         xt = q_sample(x0[b : b + 1].expand(2, -1, -1, -1), t[b : b + 1].expand(2), eps[b], abar)
-        model(xt, t[b : b + 1].expand(2)).square().flatten(1).mean(1).mean().backward()
+        reduce(model(xt, t[b : b + 1].expand(2))).flatten(1).mean(1).mean().backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(batched[name][b], p.grad, rtol=1e-4, atol=1e-6)
 
@@ -98,3 +101,21 @@ def test_model_fingerprint_keeps_the_recorded_class_names():
         h.update(f"{name}:{shape};".encode())
     assert model_fingerprint(model) == h.hexdigest()
     assert DiffusersEps.fingerprint_name == "projidx.diffusion.DiffusersEps"
+
+
+@pytest.mark.parametrize("source", ["vmap", "hooks"])
+def test_losses_are_the_training_loss_averaged_over_the_draws(source):
+    """DAS's residual input: each sample's MSE at its own (t, draws), whatever the attributed function."""
+    from projidx.features.factorized import FactorizedGradients
+
+    torch.manual_seed(2)
+    model = SmallUNet(UNetConfig(channels=1, base=8, mults=(1, 2), time_dim=16, groups=4))
+    schedule = NoiseSchedule()
+    kind = GradientComputer if source == "vmap" else FactorizedGradients
+    computer = kind(model, schedule, "mse", objective="output")
+    x0, t, eps = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([5, 400, 800]), torch.randn(3, 2, 1, 8, 8)
+    abar = schedule.alphas_cumprod().float()
+    with torch.no_grad():
+        expected = torch.stack([diffusion_loss(model, x0[b : b + 1].expand(2, -1, -1, -1), t[b : b + 1].expand(2),
+                                               eps[b], abar, "mse").mean() for b in range(3)])
+    torch.testing.assert_close(computer.losses(x0, t, eps), expected, rtol=1e-5, atol=1e-7)

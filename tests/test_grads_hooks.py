@@ -38,7 +38,7 @@ def _assert_sources_agree(model: nn.Module, shape: tuple[int, ...], kinds: tuple
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("objective", ["loss", "dtrak"])
+@pytest.mark.parametrize("objective", ["loss", "dtrak", "output"])
 def test_hooks_equal_vmap_on_a_small_unet_at_an_odd_size(objective):
     """Strided and 1x1 convolutions, interpolated skips (28 -> 14 -> 7), 3 channels, R = 2 draws."""
     torch.manual_seed(0)

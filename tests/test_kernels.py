@@ -1,17 +1,29 @@
-"""D-TRAK's kernel: scores equal a from-scratch TRAK formula on the stored features; the kernel is cached and
-recomputed whenever the store changes."""
+"""D-TRAK's and DAS's kernels: scores equal from-scratch TRAK / DAS formulas on the stored features (DAS's
+residuals recomputed from the model); the kernel is cached and recomputed whenever the store changes; a store
+without training losses refuses DAS."""
 
 from __future__ import annotations
 
+import importlib
+import shutil
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
+from projidx.errors import ProjidxError
 from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
-from projidx.search.kernels import RIDGE, kernel_files, regularized_inverse, store_kernel
-from projidx.search.scoring import exact_scores, exact_topk, query_vectors
+from projidx.models.diffusion import TRAIN_NOISE, diffusion_loss, noise_for
+from projidx.search.kernels import RIDGE, das_residual, kernel_files, regularized_inverse, store_kernel
+from projidx.search.scoring import check_method, exact_scores, exact_topk, query_vectors, scorable_methods
 from projidx.store.feature_store import FeatureStore
+from tests.test_cli import assert_clean_error, run
+
+featurization_module = importlib.import_module("projidx.features.featurization")
 
 CONFIG = FeaturizeConfig(proj_dim=48, timesteps=3, objective="dtrak", dtype="float32", chunk_rows=7)
+DAS_CONFIG = replace(CONFIG, objective="output", train_draws=2)
 
 
 def test_regularized_inverse_is_the_ridge_inverse():
@@ -26,6 +38,12 @@ def test_regularized_inverse_is_the_ridge_inverse():
 @pytest.fixture()
 def dtrak_store(tmp_path, tiny_ckpts, tiny_data):
     return featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "d.zarr", CONFIG, progress=False,
+                     allow_other_data=True)
+
+
+@pytest.fixture()
+def das_store(tmp_path, tiny_ckpts, tiny_data):
+    return featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "das.zarr", DAS_CONFIG, progress=False,
                      allow_other_data=True)
 
 
@@ -52,38 +70,107 @@ def test_dtrak_scores_equal_the_trak_formula(dtrak_store, tiny_ckpts, tiny_queri
     assert not np.array_equal(np.argsort(-got, axis=1)[:, :5], np.argsort(-tracin, axis=1)[:, :5])
 
 
-def test_the_kernel_is_saved_once_and_recomputed_when_the_store_changes(tmp_path, dtrak_store, tiny_ckpts,
-                                                                         tiny_data, monkeypatch):
+@pytest.mark.parametrize(("method", "config"), [("dtrak", CONFIG), ("das", DAS_CONFIG)])
+def test_the_kernel_is_saved_once_and_recomputed_when_the_store_changes(tmp_path, tiny_ckpts, tiny_data,
+                                                                         monkeypatch, method, config):
     import projidx.search.kernels as kernels
 
-    first = store_kernel(dtrak_store, "dtrak")
-    array_file, sidecar = kernel_files(dtrak_store, "dtrak")
+    store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "k.zarr", config, progress=False,
+                      allow_other_data=True)
+    first = store_kernel(store, method)
+    array_file, sidecar = kernel_files(store, method)
     assert array_file.exists() and sidecar.exists()
     calls = []
     real = kernels.compute_kernel
     monkeypatch.setattr(kernels, "compute_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
-    np.testing.assert_array_equal(store_kernel(FeatureStore.open(dtrak_store.path), "dtrak"), first)
+    np.testing.assert_array_equal(store_kernel(FeatureStore.open(store.path), method), first)
     assert calls == []  # read back, not recomputed
     array_file.write_bytes(b"torn")  # a damaged kernel file is recomputed, never read
-    np.testing.assert_array_equal(store_kernel(dtrak_store, "dtrak"), first)
+    np.testing.assert_array_equal(store_kernel(store, method), first)
     assert calls == [1]
     # the store rebuilt at the same path from other rows: a new digest, a new kernel
-    import shutil
-
-    shutil.rmtree(dtrak_store.path.local)
-    rebuilt = featurize(tiny_ckpts, tiny_data.subset(slice(20, 40)), dtrak_store.path.local, CONFIG, progress=False,
+    shutil.rmtree(store.path.local)
+    rebuilt = featurize(tiny_ckpts, tiny_data.subset(slice(20, 40)), store.path.local, config, progress=False,
                         allow_other_data=True)
-    again = store_kernel(rebuilt, "dtrak")
+    again = store_kernel(rebuilt, method)
     assert calls == [1, 1]
     assert not np.allclose(again, first)
 
 
-def test_dtrak_index_answers_like_the_exact_scan(dtrak_store, tiny_ckpts, tiny_queries):
+@pytest.mark.parametrize("method", ["dtrak", "das"])
+def test_kernel_indices_answer_like_the_exact_scan(tmp_path, tiny_ckpts, tiny_data, tiny_queries, method):
     from projidx.search.index import build_index, load_index
 
-    qf = featurize_queries(dtrak_store, tiny_ckpts, tiny_queries, progress=False)
-    qv = query_vectors(dtrak_store, qf, "dtrak")
-    build_index(dtrak_store, "dtrak")
-    _, found = load_index(dtrak_store, "dtrak").search(qv, 5)
-    _, exact = exact_topk(dtrak_store, qv, "dtrak", 5)
+    config = DAS_CONFIG if method == "das" else CONFIG
+    store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "i.zarr", config, progress=False,
+                      allow_other_data=True)
+    qf = featurize_queries(store, tiny_ckpts, tiny_queries, progress=False)
+    qv = query_vectors(store, qf, method)
+    build_index(store, method)
+    found_scores, found = load_index(store, method).search(qv, 5)
+    exact_s, exact = exact_topk(store, qv, method, 5)
     np.testing.assert_array_equal(found, exact)
+    np.testing.assert_allclose(found_scores, exact_s, rtol=1e-4, atol=1e-6)
+
+
+def test_das_residual_is_the_mean_of_the_normalized_root_losses():
+    losses = np.array([[1.0, 4.0, 4.0], [0.0, 0.0, 0.0]])
+    e = np.sqrt([1.0, 4.0, 4.0])
+    np.testing.assert_allclose(das_residual(losses), [(e / np.linalg.norm(e)).mean(), 0.0], rtol=1e-6)
+
+
+def test_das_scores_equal_the_formula_with_residuals_from_the_model(das_store, tiny_ckpts, tiny_data, tiny_queries):
+    """phi: the mean of the stored unit gradients (read from the store); the ridge kernel from scratch; r_i from the
+    model's per-sample MSE at the grid's timesteps and the store's noise draws, computed here again."""
+    store, meta = das_store, das_store.meta
+    data = tiny_data.subset(slice(0, 20))
+    abar = meta.schedule.alphas_cumprod().float()
+    qf = featurize_queries(store, tiny_ckpts, tiny_queries, progress=False)
+    expected = np.zeros((len(tiny_queries), meta.n))
+    c_count = len(meta.checkpoint_ids)
+    model = tiny_ckpts.model.eval()
+    for c, (ckpt, cid) in enumerate(zip(tiny_ckpts.checkpoints, meta.checkpoint_ids, strict=True)):
+        model.load_state_dict(ckpt.load()["state_dict"])
+        losses = np.zeros((meta.n, len(meta.timesteps)))
+        for i, (x0, sid) in enumerate(zip(data.images, data.ids.tolist(), strict=True)):
+            for j, t in enumerate(meta.timesteps):
+                eps = torch.cat([noise_for(meta.noise_seed, [sid], c, [t], d, data.image_shape, TRAIN_NOISE,
+                                           meta.noise) for d in range(meta.train_draws)])
+                with torch.no_grad():
+                    losses[i, j] = float(diffusion_loss(model, x0[None].expand(len(eps), *x0.shape),
+                                                        torch.full((len(eps),), t), eps, abar, meta.loss).mean())
+        stored = np.concatenate([ch.losses for _, ch in store.chunks(cid)])
+        np.testing.assert_allclose(stored, losses, rtol=1e-4)
+        e = np.sqrt(losses)
+        r = (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(axis=1)
+        phi = np.concatenate([ch.features.astype(np.float64).mean(axis=1) for _, ch in store.chunks(cid)])
+        gram = phi.T @ phi
+        lam = RIDGE * np.trace(gram) / len(gram)
+        q_phi = qf.features[c].astype(np.float64).mean(axis=1)
+        expected += q_phi @ np.linalg.solve(gram + lam * np.eye(len(gram)), phi.T) * r / c_count
+    got = exact_scores(store, query_vectors(store, qf, "das"), "das")
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+    # the kernel changes the ranking: not ReTrac's inner product in disguise
+    retrac = exact_scores(store, query_vectors(store, qf, "retrac"), "retrac")
+    assert not np.array_equal(np.argsort(-got, axis=1)[:, :5], np.argsort(-retrac, axis=1)[:, :5])
+
+
+def test_a_store_without_losses_refuses_das_in_one_line(tmp_path, tiny_ckpts, tiny_data, monkeypatch):
+    real = featurization_module._store_meta
+    monkeypatch.setattr(featurization_module, "_store_meta", lambda *a: replace(real(*a), losses=False))
+    old = featurize(tiny_ckpts, tiny_data.subset(slice(0, 10)), tmp_path / "old.zarr", DAS_CONFIG, progress=False,
+                    allow_other_data=True)
+    assert "losses" not in dict(old.group.attrs)["projidx"] or not old.meta.losses
+    assert "das" not in scorable_methods(old) and "dtrak" in scorable_methods(old)
+    with pytest.raises(ProjidxError) as err:
+        check_method(old, "das")
+    assert "\n" not in str(err.value) and "training losses" in str(err.value)
+    for args in (["index", "--store", old.path.local, "--method", "das"],
+                 ["query", "--store", old.path.local, "--data", "digits:test", "--limit", 2, "--method", "das",
+                  "--exact", "--out", tmp_path / "r.json"]):
+        assert_clean_error(run(*args, ok=False), "method 'das' needs the training losses")
+    # resumed by today's featurize, an older store keeps its own layout (no losses), never half of them
+    monkeypatch.setattr(featurization_module, "_store_meta", real)
+    resumed = featurize(tiny_ckpts, tiny_data.subset(slice(0, 10)), old.path.local, DAS_CONFIG, progress=False,
+                        allow_other_data=True)
+    assert not resumed.meta.losses and "das" not in scorable_methods(resumed)

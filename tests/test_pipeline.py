@@ -26,14 +26,16 @@ S, R, K = 3, 2, 3
 
 
 def _flat_grad(model, x0, t, eps, abar, loss, objective="loss") -> torch.Tensor:
-    """Reference gradient: one plain backward pass, mean over the R draws in eps (R, C, H, W), of the loss or of
-    D-TRAK's mean squared output (the mean over pixels of the squared model output at x_t)."""
+    """Reference gradient: one plain backward pass, mean over the R draws in eps (R, C, H, W), of the loss, of
+    D-TRAK's mean squared output (the mean over pixels of the squared model output at x_t) or of DAS's mean output."""
     r = eps.shape[0]
     x0s, ts = x0[None].expand(r, *x0.shape), torch.full((r,), t)
     if objective == "loss":
         value = diffusion_loss(model, x0s, ts, eps, abar, loss).mean()
-    else:
+    elif objective == "dtrak":
         value = model(q_sample(x0s, ts, eps, abar), ts).square().mean()
+    else:
+        value = model(q_sample(x0s, ts, eps, abar), ts).mean()
     grads = torch.autograd.grad(value, [p for _, p in sorted(model.named_parameters())])
     return torch.cat([g.flatten() for g in grads]).double()
 
@@ -80,7 +82,7 @@ def _reference(ckpts, data, queries, mode, draws, policy, train_grid, grid_s, ob
 @pytest.mark.parametrize(("mode", "draws", "policy", "objective"), [
     ("replay", 1, "per-sample", "loss"), ("grid", 1, "per-sample", "loss"), ("replay", 3, "per-sample", "loss"),
     ("replay", 1, "shared", "loss"), ("grid", 3, "shared", "loss"), ("grid", 1, "shared", "dtrak"),
-    ("replay", 3, "per-sample", "dtrak")])
+    ("replay", 3, "per-sample", "dtrak"), ("grid", 2, "shared", "output")])
 def test_identity_projection_scores_equal_the_formulas(tmp_path, tiny_ckpts, tiny_data, tiny_queries, mode, draws,
                                                        policy, objective):
     data = tiny_data.subset(slice(0, 12))

@@ -23,7 +23,7 @@ def arrays_of(store: Path) -> dict[str, bytes]:
     """Every array's contents (decoded), to compare stores whatever the chunk files' bytes."""
     fs = FeatureStore.open(store)
     names = ["ids"] + [f"{a}/{c}" for c in fs.meta.checkpoint_ids
-                       for a in ("features", "norms", "mean_norms", "timesteps", "done")]
+                       for a in ("features", "norms", "mean_norms", "timesteps", "losses", "done")]
     return {name: np.asarray(fs.group[name][:]).tobytes() for name in names}
 
 
@@ -109,7 +109,7 @@ def test_tampered_array_metadata_is_rebuilt_by_featurize(copy, digits):
     assert arrays_of(copy / "s.zarr") == before
 
 
-@pytest.mark.parametrize("fail_at", [1, 5, 11])  # 11 arrays: ids + 5 per checkpoint
+@pytest.mark.parametrize("fail_at", [1, 6, 13])  # 13 arrays: ids + 6 per checkpoint
 def test_an_interrupted_creation_leaves_nothing_behind(tmp_path, built, digits, monkeypatch, fail_at):
     import projidx.store.feature_store as store_module
 
@@ -137,7 +137,7 @@ def test_an_interrupted_creation_leaves_nothing_behind(tmp_path, built, digits, 
 
 def test_a_chunk_object_copied_into_another_row_chunk_is_caught_and_recomputed(copy, digits):
     before = arrays_of(copy / "s.zarr")
-    for array in ("features", "norms", "mean_norms", "timesteps"):
+    for array in ("features", "norms", "mean_norms", "timesteps", "losses"):
         folder = copy / "s.zarr" / array / "ckpt-000" / "c"
         src = next(folder.glob("0*")) if (folder / "0").is_file() else folder / "0"
         dst = folder / "2"
@@ -147,6 +147,18 @@ def test_a_chunk_object_copied_into_another_row_chunk_is_caught_and_recomputed(c
         else:
             shutil.copy(src, dst)
     assert_clean_error(query(copy, digits, "retrac", False, "--exact"), "chunk 2", "does not match its done record")
+    run(*featurize_args(copy, digits))
+    assert arrays_of(copy / "s.zarr") == before
+
+
+def test_edited_losses_are_caught_by_the_done_record_and_recomputed(copy, digits):
+    """DAS's residuals are part of a chunk's content: losses rewritten with valid checksums fail the done record."""
+    before = arrays_of(copy / "s.zarr")
+    store = FeatureStore.open(copy / "s.zarr", mode="r+")
+    assert store.meta.losses
+    array = store.group["losses/ckpt-001"]
+    array[8:16] = np.asarray(array[8:16]) * 2
+    assert_clean_error(query(copy, digits, "retrac", False, "--exact"), "chunk 1", "does not match its done record")
     run(*featurize_args(copy, digits))
     assert arrays_of(copy / "s.zarr") == before
 

@@ -121,7 +121,7 @@ def multipart(files: list[tuple[str, bytes]], **fields) -> dict:
 def test_health_names_no_path_and_uploads_answer_as_projidx_query(client, built):
     health = client.get("/health")
     assert health.status_code == 200 and health.get_json()["status"] == "ok" and health.get_json()["n"] == 40
-    assert "matched" in health.get_json()["methods"] and "dtrak" in health.get_json()["methods"]  # before any query
+    assert {"matched", "dtrak", "das"} <= set(health.get_json()["methods"])  # before any query
     assert str(built) not in health.get_data(as_text=True)
     cli = json.loads((built / "cli.json").read_text())
     result = client.post("/query", json=uploads(built, top_k=4)).get_json()

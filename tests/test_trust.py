@@ -146,7 +146,7 @@ def test_validate_finds_training_images_with_the_defaults(tmp_path, tiny_ckpts, 
     store = featurize(tiny_ckpts, tiny_data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=256, timesteps=4),
                       progress=False)
     report = validate_store(store, tiny_ckpts, tiny_data, samples=8, seed=1)
-    assert set(report["methods"]) == {"tracin", "retrac", "cosine", "matched", "dtrak"}
+    assert set(report["methods"]) == {"tracin", "retrac", "cosine", "matched", "dtrak", "das"}
     assert report["methods"]["matched"]["self"]["top1"] == 1.0
     assert len(report["sample_ids"]) == 8 and set(report["sample_ids"]) <= set(tiny_data.ids.tolist())
     with pytest.raises(ProjidxError, match="not the training data"):

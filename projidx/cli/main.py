@@ -29,7 +29,9 @@ from projidx.settings import (
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
 METHOD_HELP = ("matched (default on grid stores: mean over the grid of the cosine at the same timestep), retrac"
-               " (the paper's bias-corrected method), tracin (the paper's baseline), cosine (of the timestep means).")
+               " (the paper's bias-corrected method), tracin (the paper's baseline), cosine (of the timestep means),"
+               " dtrak (D-TRAK's kernel; counterfactual questions), das (DAS's kernel and residual; stores that"
+               " record training losses, best with --objective output).")
 
 
 RESUME_HINT = "re-run the same command to resume (finished work is kept)"
@@ -241,7 +243,8 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
               help="Storage type of the unit projected gradients (norms are always float32).")
 @click.option("--device", default=FEATURIZE.device, show_default=True, help="Where gradients are computed.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=FEATURIZE.objective, show_default=True,
-              help="Differentiate the training loss (the paper) or D-TRAK's mean squared model output.")
+              help="Differentiate the training loss (the paper), D-TRAK's mean squared model output (dtrak) or"
+                   " DAS's mean model output (output).")
 @click.option("--train-draws", default=FEATURIZE.train_draws, show_default=True, type=click.IntRange(1),
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
 @click.option("--other-data", is_flag=True,

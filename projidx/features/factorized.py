@@ -42,7 +42,7 @@ from torch import nn
 from projidx.errors import ProjidxError
 from projidx.features.grads import Conditioning, GradientComputer, Grads, Projected, trainable_parameters
 from projidx.features.projection import FactorizedProjector, Projector, kronecker_cost
-from projidx.models.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
+from projidx.models.diffusion import NoiseSchedule, attribution_output, draws_loss, prediction_target, q_sample
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -379,6 +379,13 @@ class FactorizedGradients:
         if capture is None:
             return self.vmap.per_sample(x0, t, eps, conditioning)  # type: ignore[union-attr]
         return {name: capture.gradient(name) for name in sorted(self.names)}
+
+    def losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+               conditioning: Conditioning | None = None) -> torch.Tensor:
+        """:meth:`projidx.features.grads.GradientSource.losses` (one forward pass without hooks)."""
+        cond = {name: v.to(self.device) for name, v in (conditioning or {}).items()}
+        return draws_loss(self.model, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device),
+                          self.abar, self.loss, self.prediction, cond)
 
     def capture(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                 conditioning: Conditioning | None = None) -> Capture:

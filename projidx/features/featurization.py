@@ -150,6 +150,7 @@ def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
         checkpoint_folders=[str(f) for f in ckpts.folders],
         dataset_options=data.options.to_dict(),
+        losses=True,
     )
 
 
@@ -341,7 +342,7 @@ def _featurize_share(
         times = replays[c][rows][:, None] if replays is not None else torch.tensor(meta.timesteps).expand(
             rows.stop - rows.start, -1)
         chunk = _featurize_rows(computer, projector, data.subset(rows), times, c, ckpt.id, config.batch_size, noise,
-                                meta.conditioning)
+                                meta.conditioning, losses=store.meta.losses)
         store.write_chunk(ckpt.id, i, chunk)
         bar.update(1)
         if on_chunk is not None:
@@ -375,6 +376,7 @@ def _featurize_rows(
     batch_size: int,
     noise: NoiseDraws,
     conditioning: dict[str, dict],
+    losses: bool = False,
 ) -> Chunk:
     """Features of ``rows`` at checkpoint index ``c``: times (n, G) timesteps per sample; at each, the gradient
     of the loss averaged over the ``noise`` draws (training or query side), the model given the ``conditioning``
@@ -382,7 +384,8 @@ def _featurize_rows(
 
     Gradients are computed ``batch_size`` evaluations at a time (samples x timesteps x draws) and projected in
     calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).
-    Returns features (n, G, k), norms (n, G) and the norm of each sample's mean gradient over G (n,).
+    Returns features (n, G, k), norms (n, G) and the norm of each sample's mean gradient over G (n,); with
+    ``losses`` also the training loss at each of the n x G (x0, t, draws) (n, G), from extra forward passes.
     """
     n, g = times.shape
     per_batch = max(1, batch_size // (g * noise.count))
@@ -403,7 +406,18 @@ def _featurize_rows(
         norms=torch.cat(norms).numpy(),
         mean_norms=torch.cat(mean_norms).numpy(),
         timesteps=times.numpy().astype(np.int32),
+        losses=_losses(computer, rows, times, per_batch, c, noise, conditioning) if losses else None,
     )
+
+
+def _losses(computer: GradientSource, rows: ImageSet, times: torch.Tensor, per_batch: int, c: int,
+            noise: NoiseDraws, conditioning: dict[str, dict]) -> np.ndarray:
+    """(n, G) float32 training loss of each sample of ``rows`` at each of its ``times`` (n, G), mean over the same
+    ``noise`` draws as its gradient, ``per_batch`` samples per forward pass."""
+    n, g = times.shape
+    parts = [computer.losses(*_inputs(rows, times, a, min(a + per_batch, n), c, noise, conditioning)).cpu()
+             for a in range(0, n, per_batch)]
+    return torch.cat(parts).reshape(n, g).numpy().astype(np.float32)
 
 
 def projection_rows(projector: Projector, per_batch: int, groups: int) -> int:
@@ -414,6 +428,19 @@ def projection_rows(projector: Projector, per_batch: int, groups: int) -> int:
         return per_batch
     fits = PROJECT_BUFFER_BYTES // max(1, 4 * projector.spec.input_dim * groups)
     return max(per_batch, min(wanted, fits))
+
+
+def _inputs(rows: ImageSet, times: torch.Tensor, a: int, b: int, c: int, noise: NoiseDraws,
+            conditioning: dict[str, dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The inputs of samples [a, b) of ``rows`` at each of their G ``times`` (n, G), one row per (sample, timestep):
+    x0 ((b-a)*G, C, H, W), t ((b-a)*G,), their ``noise`` draws at checkpoint index ``c`` ((b-a)*G, R, C, H, W) and
+    the model's ``conditioning`` inputs."""
+    g = times.shape[1]
+    part = rows.subset(slice(a, b))
+    t = times[a:b].reshape(-1)
+    eps = noise.sample(part.ids.repeat_interleave(g).tolist(), c, t.tolist(), part.image_shape)
+    cond = {name: v.repeat_interleave(g, dim=0) for name, v in part.conditioning(conditioning).items()}
+    return part.images.repeat_interleave(g, dim=0), t, eps, cond
 
 
 def _project_samples(
@@ -430,20 +457,13 @@ def _project_samples(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """P g, ||g||^2 (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)."""
     g = times.shape[1]
-
-    def inputs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        part = rows.subset(slice(a, b))
-        t = times[a:b].reshape(-1)
-        eps = noise.sample(part.ids.repeat_interleave(g).tolist(), c, t.tolist(), part.image_shape)
-        cond = {name: v.repeat_interleave(g, dim=0) for name, v in part.conditioning(conditioning).items()}
-        return part.images.repeat_interleave(g, dim=0), t, eps, cond
-
     if stop - start <= per_batch:
-        x0, t, eps, cond = inputs(start, stop)
+        x0, t, eps, cond = _inputs(rows, times, start, stop, c, noise, conditioning)
         return computer.project(projector, x0, t, eps, groups=g, conditioning=cond)
     # a projector that wants more rows per call than one gradient batch (dense) takes full per-sample gradients
     # (the factorized projector never asks for more rows)
-    parts = [computer.per_sample(*inputs(a, min(a + per_batch, stop))) for a in range(start, stop, per_batch)]
+    parts = [computer.per_sample(*_inputs(rows, times, a, min(a + per_batch, stop), c, noise, conditioning))
+             for a in range(start, stop, per_batch)]
     grads = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     del parts
     return projector.project_with_norms(grads, g)

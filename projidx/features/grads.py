@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from projidx.models.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
+from projidx.models.diffusion import NoiseSchedule, attribution_output, draws_loss, prediction_target, q_sample
 
 if TYPE_CHECKING:
     from projidx.features.projection import Projector
@@ -42,6 +42,12 @@ class GradientSource(Protocol):
     def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                    conditioning: Conditioning | None = None) -> Grads:
         """{name: (B, *shape)} the per-sample gradients themselves (for projectors that batch many gradients)."""
+        ...
+
+    def losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+               conditioning: Conditioning | None = None) -> torch.Tensor:
+        """(B,) the training loss of each sample, mean over its draws (:func:`~projidx.models.diffusion.draws_loss`),
+        whatever the attributed function: DAS's residual."""
         ...
 
 
@@ -130,6 +136,13 @@ class GradientComputer:
         return self._vmapped(
             self.params, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device), cond
         )
+
+    def losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+               conditioning: Conditioning | None = None) -> torch.Tensor:
+        """:meth:`GradientSource.losses` on the computer's device."""
+        cond = {name: v.to(self.device) for name, v in (conditioning or {}).items()}
+        return draws_loss(self.model, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device),
+                          self.abar, self.loss, self.prediction, cond)
 
 
 def squared_norms(grads: Grads) -> torch.Tensor:

@@ -145,11 +145,15 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torc
 
 def attribution_output(pred: torch.Tensor, target: torch.Tensor, loss: str, objective: str) -> torch.Tensor:
     """(B,) the function whose gradient is attributed: the training loss against ``target`` (``objective="loss"``,
-    the paper) or D-TRAK's mean squared model output ||out_theta(x_t, t)||^2 / dim (``objective="dtrak"``)."""
+    the paper), D-TRAK's mean squared model output ||out_theta(x_t, t)||^2 / dim (``objective="dtrak"``) or DAS's
+    mean model output sum(out_theta(x_t, t)) / dim (``objective="output"``: Lin et al. 2024 attribute the output
+    itself; their code reduces it to its mean over elements)."""
     if objective == "loss":
         return per_sample_loss(pred, target, loss)
     if objective == "dtrak":
         return pred.square().flatten(1).mean(dim=1)
+    if objective == "output":
+        return pred.flatten(1).mean(dim=1)
     raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 
@@ -166,6 +170,26 @@ def diffusion_loss(
     """(B,) the training loss L(theta; x0, t, eps) of ``model`` at each sample's own t and eps."""
     pred = model(q_sample(x0, t, eps, abar), t, **(conditioning or {}))
     return per_sample_loss(pred, prediction_target(x0, t, eps, abar, prediction), loss)
+
+
+def draws_loss(
+    model: EpsModel | nn.Module,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    abar: torch.Tensor,
+    loss: str,
+    prediction: str = "epsilon",
+    conditioning: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(B,) the training loss of each sample averaged over its R noise draws, without gradients: x0 (B, C, H, W),
+    t (B,), eps (B, R, C, H, W), conditioning {name: (B, ...)} (DAS's residual, recorded by featurization)."""
+    batch, draws = eps.shape[:2]
+    cond = {name: v.repeat_interleave(draws, dim=0) for name, v in (conditioning or {}).items()}
+    with torch.no_grad():
+        per_draw = diffusion_loss(model, x0.repeat_interleave(draws, dim=0), t.repeat_interleave(draws),
+                                  eps.reshape(batch * draws, *eps.shape[2:]), abar, loss, prediction, cond)
+    return per_draw.reshape(batch, draws).mean(dim=1)
 
 
 def noise_for(

@@ -18,7 +18,7 @@ from projidx.data.datasets import ImageSet, concat
 from projidx.errors import ProjidxError
 from projidx.features.featurization import featurize_queries
 from projidx.models.checkpoints import CheckpointSet
-from projidx.search.scoring import METHODS, query_vectors, source_ranks
+from projidx.search.scoring import query_vectors, scorable_methods, source_ranks
 from projidx.store.feature_store import FeatureStore
 
 CHECKS = ("self", "near-copy", "shift")
@@ -70,7 +70,8 @@ def validate_store(
     """The sanity report of ``store``: {"methods": {method: {check: summarize(...)}}, "sample_ids", settings}.
 
     ``train`` must be the data the store was built from (same fingerprint). ``methods`` defaults to every
-    method the store supports (``matched`` needs a grid store). Query settings default as for ``projidx query``.
+    method the store supports (:func:`~projidx.search.scoring.scorable_methods`). Query settings default as for
+    ``projidx query``.
     """
     if train.fingerprint(store.meta.conditioning_inputs) != store.meta.dataset_fingerprint:
         raise ProjidxError(f"data {train.name} is not the training data store {store.path} was built from")
@@ -79,7 +80,7 @@ def validate_store(
     if sigma < 0:
         raise ProjidxError(f"sigma must be >= 0, got {sigma}")
     if methods is None:
-        methods = tuple(m for m in METHODS if m != "matched" or store.meta.train_timesteps == "grid")
+        methods = tuple(scorable_methods(store))
     rows = sample_rows(store.meta.n, samples, seed)
     if not np.array_equal(store.ids()[rows], train.ids[rows].numpy()):
         raise ProjidxError(f"data {train.name}: the sample ids are not in the store's order")

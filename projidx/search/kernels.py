@@ -1,4 +1,4 @@
-"""Store-wide kernels of the TRAK family: D-TRAK's score as an inner product an index can answer.
+"""Store-wide kernels of the TRAK family: D-TRAK's and DAS's scores as inner products an index can answer.
 
 TRAK (Park et al. 2023) and D-TRAK (Zheng et al., ICLR 2024) score a query q against a training row x at
 checkpoint c by
@@ -10,6 +10,27 @@ store featurized with ``objective="dtrak"``; on a loss store the same scorer is 
 training row's. With a grid of timesteps phi is the mean over the grid of the projected gradients: the store's
 ``tracin`` side vector without the checkpoint weight. Checkpoints are combined as TRAK combines models: the mean
 of their scores.
+
+DAS (the Diffusion Attribution Score, Lin et al. 2024, arXiv 2410.18639) scores with the same kernel form,
+
+    das:  phi_c(q)^T (Phi_c^T Phi_c + lambda_c I)^{-1} phi_c(x) * r_c(x),
+
+with two differences, as the authors' code (github.com/Jinxu-Lin/DAS: ``CIFAR2/03_grad.py``, ``3_error.py``,
+``07_scpre.py``) computes them:
+
+- phi is the mean over the grid of the *unit* gradients, each timestep's full gradient L2-normalized before the
+  average and the projection (P mean_t g_t / ||g_t||: the store's features averaged, ReTrac's vector), of the mean
+  model output (their ``loss_function_type="mean"``: projidx's ``objective="output"``);
+- r_c(x) = mean_t(e_t / ||e||), e_t = sqrt(L_c(x, t)) the root of x's per-sample MSE training loss at timestep t
+  and ||e|| the norm over the timesteps of the vector e (the residual of the paper's derivation; their scorer's
+  ``DAS1``). The store records L_c(x, t) (``losses``) with the features, at the gradient's own timestep and noise
+  draws; a store without it cannot be scored with ``das``.
+
+Where projidx differs from that code: the residual is taken at the store's grid (their ``3_error.py`` uses every
+t in [0, T), 1000 timesteps, with per-timestep seeded noise); lambda follows the rule below, where their scorer
+picks it from 27 values by the LDS being reported; their inverse is divided by the mean of its absolute entries
+(one constant, which no ranking notices with one checkpoint); their ``DAS0`` variant's leverage factor
+1 / (1 - h_ii)^2 is not built.
 
 The kernel is applied to the query (:func:`projidx.search.scoring.query_vectors`), so training vectors stay as stored
 and FAISS indices still answer by inner product: score = sum_c <K_c phi_c(q) / C, phi_c(x)>, the 1/C split as
@@ -38,8 +59,26 @@ from projidx.features.query import mean_gradient
 from projidx.store.feature_store import FeatureStore
 from projidx.store.locations import Location
 
-KERNEL_METHODS = ("dtrak",)
+KERNEL_METHODS = ("dtrak", "das")
 RIDGE = 0.1  # lambda as a fraction of the Gram matrix's mean eigenvalue
+
+
+def kernel_features(method: str, features: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """(n, k) float32 phi of ``method`` from unit ``features`` (n, G, k) and their exact ``norms`` (n, G): the
+    projected mean gradient (``dtrak``) or the mean of the unit gradients (``das``)."""
+    if method == "dtrak":
+        return mean_gradient(features, norms)
+    if method == "das":
+        return features.mean(axis=1, dtype=np.float32)
+    raise ProjidxError(f"no kernel for method {method!r}; kernel methods: {', '.join(KERNEL_METHODS)}")
+
+
+def das_residual(losses: np.ndarray) -> np.ndarray:
+    """(n,) float32 DAS's residual factor r = mean_t(e_t / ||e||), e_t = sqrt(loss_t), of per-timestep training
+    ``losses`` (n, G); a row whose losses are all zero gets 0."""
+    e = np.sqrt(np.clip(losses.astype(np.float64), 0, None))
+    norm = np.linalg.norm(e, axis=1, keepdims=True)
+    return (e / np.where(norm > 0, norm, 1.0)).mean(axis=1).astype(np.float32)
 
 
 def regularized_inverse(gram: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
@@ -65,8 +104,9 @@ def kernel_digest(store: FeatureStore, method: str, ridge: float) -> str:
     return h.hexdigest()
 
 
-def compute_kernel(store: FeatureStore, ridge: float = RIDGE) -> np.ndarray:
-    """(C, k, k) float32 regularized inverse Gram matrices of a complete store, one row-chunk at a time."""
+def compute_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> np.ndarray:
+    """(C, k, k) float32 regularized inverse Gram matrices of ``method``'s phi (:func:`kernel_features`) over a
+    complete store, one row-chunk at a time."""
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     k = store.meta.projector.proj_dim
@@ -74,7 +114,7 @@ def compute_kernel(store: FeatureStore, ridge: float = RIDGE) -> np.ndarray:
     for c, cid in enumerate(store.meta.checkpoint_ids):
         gram = np.zeros((k, k), np.float64)
         for _, chunk in store.chunks(cid):
-            phi = mean_gradient(chunk.features, chunk.norms).astype(np.float64)
+            phi = kernel_features(method, chunk.features, chunk.norms).astype(np.float64)
             gram += phi.T @ phi
         out[c] = regularized_inverse(gram, ridge)
     return out
@@ -101,7 +141,7 @@ def store_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> np.n
                 return np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, KeyError):
         pass  # missing, torn or stale: recompute
-    kernel = compute_kernel(store, ridge)
+    kernel = compute_kernel(store, method, ridge)
     buffer = io.BytesIO()
     np.save(buffer, kernel, allow_pickle=False)
     try:

@@ -8,6 +8,8 @@ f_g = P g_g / ||g_g|| with exact norms ||g_g|| (G = 1 for a replayed training gr
     retrac:  sqrt(w_c) * mean_g f_g                  = sqrt(w_c) P mean_g n(g_g)
     cosine:  sqrt(w_c) * mean_g ||g_g|| f_g / ||mean_g g_g||
     matched: sqrt(w_c) * n( sum_g Q_{t_g} f_g )      (beyond the paper; grid stores only)
+    dtrak:   sqrt(1/C) * P mean_g g_g                  (query side: times the kernel K_c, projidx.search.kernels)
+    das:     sqrt(1/C) * P mean_g n(g_g) * r_c(x)      (training side; query side sqrt(1/C) K_c P mean_g n(gbar_g))
 
 and the score is the inner product of the concatenations over checkpoints:
 TracIn = sum_c w_c <P mean g_train, P mean gbar_query>, and so on. With the identity projector the first
@@ -38,7 +40,7 @@ import torch
 
 from projidx.errors import ProjidxError
 from projidx.features.query import QueryFeatures, mean_gradient
-from projidx.search.kernels import KERNEL_METHODS, store_kernel
+from projidx.search.kernels import KERNEL_METHODS, das_residual, kernel_features, store_kernel
 from projidx.seeding import generator
 from projidx.settings import METHODS
 from projidx.store.feature_store import FeatureStore
@@ -92,7 +94,9 @@ def side_vectors(
         v = matched_vectors(features, timesteps, seed)
     elif method == "retrac":
         v = features.mean(axis=1)
-    elif method in ("tracin", "cosine", *KERNEL_METHODS):
+    elif method in KERNEL_METHODS:
+        v = kernel_features(method, features, norms)
+    elif method in ("tracin", "cosine"):
         v = mean_gradient(features, norms)
         if method == "cosine":
             safe = np.where(mean_norms > 0, mean_norms, np.inf)
@@ -110,13 +114,14 @@ def method_weights(store: FeatureStore, method: str) -> list[float]:
 
 
 def train_vectors(store: FeatureStore, method: str, chunk: int) -> np.ndarray:
-    """(rows, C*k) training vectors of one row-chunk: the concatenation over checkpoints."""
+    """(rows, C*k) training vectors of one row-chunk: the concatenation over checkpoints. ``das`` scales each
+    checkpoint's rows by their residual r_c(x) (:func:`projidx.search.kernels.das_residual`)."""
     check_method(store, method)
     parts = []
     for cid, w in zip(store.meta.checkpoint_ids, method_weights(store, method), strict=True):
         d = store.read_chunk(cid, chunk)
-        parts.append(side_vectors(method, d.features, d.norms, d.mean_norms, w, store.meta.timesteps,
-                                  store.meta.projector.seed))
+        v = side_vectors(method, d.features, d.norms, d.mean_norms, w, store.meta.timesteps, store.meta.projector.seed)
+        parts.append(v * das_residual(d.losses)[:, None] if method == "das" else v)
     return np.concatenate(parts, axis=1)
 
 
@@ -124,6 +129,9 @@ def check_method(store: FeatureStore, method: str, query_timesteps: Sequence[int
     """ProjidxError unless ``method`` can be scored on ``store`` (and with queries taken at ``query_timesteps``)."""
     if method not in METHODS:
         raise ProjidxError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "das" and not store.meta.losses:
+        raise ProjidxError(f"method 'das' needs the training losses (DAS's residual), which store {store.path} does"
+                           " not record (written before projidx recorded them); featurize a new store for das")
     if method != "matched":
         return
     if store.meta.train_timesteps != "grid":
@@ -135,7 +143,8 @@ def check_method(store: FeatureStore, method: str, query_timesteps: Sequence[int
 
 
 def scorable_methods(store: FeatureStore) -> list[str]:
-    """The methods ``store`` can be scored with (``matched`` needs a grid store), in METHODS order."""
+    """The methods ``store`` can be scored with (``matched`` needs a grid store, ``das`` recorded training losses),
+    in METHODS order."""
     out = []
     for method in METHODS:
         try:

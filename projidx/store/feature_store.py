@@ -8,6 +8,9 @@ Layout (``c`` is a checkpoint id, N training samples, G stored gradients per sam
     STORE/norms/<c>        (N, G) float32             ||g||, exact, over all parameters, before projection
     STORE/mean_norms/<c>   (N,) float32               ||mean_G g||, exact (for cosine; = norms when G = 1)
     STORE/timesteps/<c>    (N, G) int32               the timestep of each stored gradient
+    STORE/losses/<c>       (N, G) float32             the training loss at each stored gradient's (x0, t, noise
+                                                      draws), mean over draws: DAS's residual (stores whose
+                                                      metadata records ``losses``; older stores lack it)
     STORE/done/<c>         (n_chunks,) uint64         row-chunk i's record: 0 = not done, else a digest of the
                                                       chunk's stored bytes with c and i (set after its data)
 
@@ -15,7 +18,8 @@ The projected gradient is P g = features * norms; storing the direction and the 
 float16 features in range whatever the gradient scale. G = 1 in replay mode, K in grid mode. Every array
 is chunked along N only, with ``chunk_rows`` rows, and carries a crc32c checksum per chunk; float arrays
 are NaN-filled, so a corrupted, truncated or deleted chunk is detected on read and named. The done record
-binds a chunk's content to its place (a chunk object copied into another row-chunk or checkpoint fails it),
+binds a chunk's content (the losses included, where the store has them) to its place (a chunk object copied into
+another row-chunk or checkpoint fails it),
 and the root metadata carries its own digest (an edited ``n`` or grid is refused). A store lives at a local path
 or an fsspec URL (:mod:`projidx.store.locations`). A new store is created whole: locally built under a temporary name
 and renamed into place, on an object store uploaded with its root metadata last, so an interrupted creation
@@ -77,6 +81,9 @@ class StoreMeta:
     checkpoint_dir: str | None = field(default=None, compare=False)  # a projidx checkpoint directory, or
     checkpoint_folders: list[str] = field(default_factory=list, compare=False)  # diffusers folders, in order
     dataset_options: dict = field(default_factory=dict, compare=False)  # data.DataOptions the data was read with
+    # whether the store records each stored gradient's training loss (losses/<c>); fixed when the store is created
+    # (a resumed store keeps its own layout), stores written before it existed have none
+    losses: bool = field(default=False, compare=False)
 
     @property
     def gradients_per_sample(self) -> int:
@@ -115,6 +122,7 @@ class StoreMeta:
             "checkpoint_dir": self.checkpoint_dir,
             "checkpoint_folders": self.checkpoint_folders,
             "dataset_options": self.dataset_options,
+            "losses": self.losses,
         }
 
     @classmethod
@@ -151,6 +159,7 @@ class StoreMeta:
             checkpoint_dir=d.get("checkpoint_dir"),
             checkpoint_folders=[str(f) for f in d.get("checkpoint_folders") or []],
             dataset_options=dict(d.get("dataset_options") or {}),
+            losses=bool(d.get("losses", False)),
         )
 
     def difference(self, other: StoreMeta) -> str | None:
@@ -207,6 +216,8 @@ def expected_arrays(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], tuple[i
         out[f"norms/{cid}"] = ((n, g), (rows, g), "float32", np.nan)
         out[f"mean_norms/{cid}"] = ((n,), (rows,), "float32", np.nan)
         out[f"timesteps/{cid}"] = ((n, g), (rows, g), "int32", -1)
+        if meta.losses:
+            out[f"losses/{cid}"] = ((n, g), (rows, g), "float32", np.nan)
         out[f"done/{cid}"] = ((n_chunks,), (1,), "uint64", 0)
     return out
 
@@ -235,6 +246,7 @@ class Chunk:
     norms: np.ndarray  # (rows, G) float32
     mean_norms: np.ndarray  # (rows,) float32
     timesteps: np.ndarray  # (rows, G) int32
+    losses: np.ndarray | None = None  # (rows, G) float32 training loss of each gradient's inputs; None: not recorded
 
 
 class WriterLock:
@@ -483,13 +495,22 @@ class FeatureStore:
         """Write one row-chunk's arrays, then (only then) its done record: the digest of what was written."""
         rows = self.rows(chunk)
         stored = self._as_stored(data)
-        for name, values in zip(("features", "norms", "mean_norms", "timesteps"), stored, strict=True):
+        for name, values in zip(self._array_names(), stored, strict=True):
             self.group[f"{name}/{cid}"][rows] = values
         self.group[f"done/{cid}"][chunk] = chunk_digest(cid, chunk, stored) if self.version >= 2 else True
 
+    def _array_names(self) -> tuple[str, ...]:
+        """The per-checkpoint arrays a row-chunk is written to and read from, in digest order."""
+        return ("features", "norms", "mean_norms", "timesteps", *(("losses",) if self.meta.losses else ()))
+
     def _as_stored(self, data: Chunk) -> list[np.ndarray]:
-        return [data.features.astype(self.meta.projector.dtype), data.norms.astype(np.float32),
-                data.mean_norms.astype(np.float32), data.timesteps.astype(np.int32)]
+        stored = [data.features.astype(self.meta.projector.dtype), data.norms.astype(np.float32),
+                  data.mean_norms.astype(np.float32), data.timesteps.astype(np.int32)]
+        if self.meta.losses:
+            if data.losses is None:
+                raise ValueError(f"store {self.path} records losses; this chunk has none")
+            stored.append(data.losses.astype(np.float32))
+        return stored
 
     def mark_undone(self, cid: str, chunk: int) -> None:
         self.group[f"done/{cid}"][chunk] = 0
@@ -544,8 +565,7 @@ class FeatureStore:
         if not record:
             raise ProjidxError(f"{where} is not featurized yet; run 'projidx featurize' on this store")
         try:
-            stored = [np.asarray(self.group[f"{name}/{cid}"][rows])
-                      for name in ("features", "norms", "mean_norms", "timesteps")]
+            stored = [np.asarray(self.group[f"{name}/{cid}"][rows]) for name in self._array_names()]
         except Exception as e:
             raise ProjidxError(
                 f"{where} is corrupted ({type(e).__name__}: {one_line(e)}); re-run 'projidx featurize' to recompute it"
@@ -554,8 +574,10 @@ class FeatureStore:
             raise ProjidxError(f"{where} does not match its done record (moved, replaced or edited); re-run"
                                " 'projidx featurize' to recompute it")
         data = Chunk(features=stored[0].astype(np.float32), norms=stored[1], mean_norms=stored[2],
-                     timesteps=stored[3])
+                     timesteps=stored[3], losses=stored[4] if self.meta.losses else None)
         finite = np.isfinite(data.features).all() and np.isfinite(data.norms).all()
+        if data.losses is not None:
+            finite = finite and bool(np.isfinite(data.losses).all())
         if not finite or not np.isfinite(data.mean_norms).all() or (data.timesteps < 0).any():
             raise ProjidxError(f"{where} is missing or truncated; re-run 'projidx featurize' to recompute it")
         return data
