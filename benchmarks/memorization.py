@@ -10,7 +10,9 @@ digit (pixel nearest neighbour a copy, closer than 5% of unplanted digits are to
 first / in the top-10, and for the other generations the share of the top-10 with the generation's digit (a
 logistic-regression pixel classifier's label), per method, beside pixel nearest neighbours.
 
-    python benchmarks/memorization.py --out bench-out/memorization      # ~50 min on 2 cores (models cached after)
+    python benchmarks/memorization.py --out bench-out/memorization      # ~30 min on 2 cores (models cached after)
+    python benchmarks/memorization.py --out bench-out/memorization-heldout --data digits --base 1500 --seeds 0
+        # held out: the 1,500 training digits as base, 10 test digits planted (other sources, other models)
 
 Prints a table, writes OUT/memorization.json.
 """
@@ -44,35 +46,39 @@ def main() -> None:
     p.add_argument("--models", default="smallunet,diffusers")
     p.add_argument("--objectives", default="loss,dtrak")
     p.add_argument("--generate", type=int, default=400)
-    p.add_argument("--seed", type=int, default=MemorizationConfig().seed, help="generation seed")
+    p.add_argument("--seeds", default="0,1", help="generation seeds, each a set of --generate images")
+    p.add_argument("--data", default="digits:train", help="base rows and sources (digits:test: a held-out set)")
+    p.add_argument("--base", type=int, default=MemorizationConfig().base)
     args = p.parse_args()
     out = Path(args.out)
-    data = load_dataset("digits:train")
+    data = load_dataset(args.data)
+    seeds = [int(s) for s in args.seeds.split(",")]
     rows, start = [], time.perf_counter()
     for model in args.models.split(","):
         train_config, command = MODELS[model]
-        for objective in args.objectives.split(","):
-            config = replace(MemorizationConfig(), generate=args.generate, seed=args.seed)
+        for objective, seed in ((o, s) for o in args.objectives.split(",") for s in seeds):
+            config = replace(MemorizationConfig(), generate=args.generate, seed=seed, base=args.base)
             report = evaluate_memorization(data, out / model, config, train_config,
                                            replace(FeaturizeConfig(), objective=objective), command, args.cache,
                                            progress=False)
             for method, row in report["methods"].items():
                 if method == "pixel" and objective != args.objectives.split(",")[0]:
                     continue
-                rows.append({"model": model, "objective": "-" if method == "pixel" else objective,
+                rows.append({"model": model, "data": args.data, "seed": seed,
+                             "objective": "-" if method == "pixel" else objective,
                              "method": method, **row, "memorized": report["memorized"],
                              "classifier_accuracy": report["classifier_accuracy"]})
-            print(f"{model} {objective}: {report['memorized']} of {report['generated']} generations reproduce a"
-                  f" planted digit ({report['wall_s']:.0f}s)", flush=True)
+            print(f"{model} {objective} seed {seed}: {report['memorized']} of {report['generated']} generations"
+                  f" reproduce a planted digit ({report['wall_s']:.0f}s)", flush=True)
     result = {"rows": rows, "wall_s": time.perf_counter() - start, "settings": vars(args)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "memorization.json").write_text(json.dumps(result, indent=1))
-    print(f"{'model':<10} {'objective':<9} {'method':<8} {'top-1':>6} {'95% interval':>13} {'top-10':>7}"
+    print(f"{'model':<10} {'seed':>4} {'objective':<9} {'method':<8} {'top-1':>6} {'95% interval':>13} {'top-10':>7}"
           f" {'label agr.':>10}")
     for r in rows:
         interval = "-" if r["top1_interval"] is None else "[{:.2f}, {:.2f}]".format(*r["top1_interval"])
         cells = [r["top1"], interval, r["topk"], r["label_agreement"]]
-        print(f"{r['model']:<10} {r['objective']:<9} {r['method']:<8} "
+        print(f"{r['model']:<10} {r['seed']:>4} {r['objective']:<9} {r['method']:<8} "
               + " ".join(f"{v if isinstance(v, str) else '-' if v is None else f'{v:.2f}':>{w}}"
                          for v, w in zip(cells, (6, 13, 7, 10), strict=True)))
     print(f"wall time {result['wall_s']:.0f}s")
