@@ -1,0 +1,196 @@
+"""Latent text-to-image pipelines (StableDiffusionPipeline.save_pretrained folders) as checkpoints: images through the
+pipeline's VAE, captions through its own tokenizer and text encoder, on both sides; latents cached; captions from
+metadata.jsonl; prompts on query, sample and serve. Everything is built here from configs: nothing downloads."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from projidx.data.datasets import load_dataset
+from projidx.store.feature_store import FeatureStore
+from tests.test_cli import assert_clean_error, run
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+N, SIZE, TOKENS, WIDTH = 12, 16, 8, 32
+WORDS = ("red", "blue", "cat", "dog", "tree", "sky")
+
+
+def tiny_tokenizer(folder: Path, max_length: int = TOKENS):
+    """A CLIP tokenizer over single letters (no merges), written to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      model_max_length=max_length)
+
+
+def tiny_pipeline(root: Path, count: int = 2, vocab: int | None = None, positions: int = TOKENS,
+                  seed: int = 0) -> list[Path]:
+    """``count`` checkpoints of one run of a tiny latent text-to-image pipeline (16x16 RGB -> 4x8x8 latents, a CLIP
+    text encoder 32 wide), the UNet's weights moved a little each time, each saved as a StableDiffusionPipeline
+    folder. ``vocab`` / ``positions``: the text encoder's table sizes (to build mismatched pipelines)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(root / "tokenizer-files")
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=SIZE)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab or len(tokenizer), hidden_size=WIDTH, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=positions, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=WIDTH, norm_num_groups=4, attention_head_dim=4)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    folders = []
+    for c in range(count):
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        folder = root / f"step-{(c + 1) * 100}"
+        diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False).save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def image_folder(folder: Path, rows: slice, captions: str = "jsonl") -> Path:
+    """Photo patches (16x16 RGB) as PNG files with a caption each: metadata.jsonl, metadata.csv or .txt files."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    images = load_dataset("photos").subset(rows).images
+    records = []
+    for i, x in enumerate(images):
+        name = f"img_{i:03d}.png"
+        Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(folder / name)
+        records.append({"file_name": name, "text": f"a {WORDS[i % 6]} {WORDS[(i // 6 + 2) % 6]}"})
+    if captions == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif captions == "csv":
+        (folder / "metadata.csv").write_text("file_name,text\n" + "".join(f"{r['file_name']},{r['text']}\n"
+                                                                           for r in records))
+    else:
+        for r in records:
+            (folder / r["file_name"]).with_suffix(".txt").write_text(r["text"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> list[Path]:
+    return tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory) -> Path:
+    return image_folder(tmp_path_factory.mktemp("data") / "train", slice(0, N))
+
+
+def checkpoint_flags(folders: list[Path]) -> list:
+    return [a for f in folders for a in ("--checkpoints", f)]
+
+
+def test_latent_gradients_equal_a_backward_pass_from_scratch(tmp_path, pipeline, train_folder):
+    """With the identity projector the store holds, for a training image and its caption, exactly the gradient of
+    the UNet's loss computed here from scratch with diffusers and transformers: the VAE's posterior mean x
+    scaling_factor, the caption padded to the tokenizer's length through the text encoder, the scheduler's
+    alpha-bar."""
+    from projidx.models.diffusion import noise_for
+
+    store = tmp_path / "s.zarr"
+    run("featurize", *checkpoint_flags(pipeline), "--data", train_folder, "--store", store, "--projector", "identity",
+        "--timesteps", 2, "--dtype", "float32", "--chunk-rows", 8, "--objective", "loss")
+    meta = FeatureStore.open(store).meta
+    assert meta.image_shape == (3, SIZE, SIZE) and meta.conditioning == {"encoder_hidden_states": {"dim": WIDTH}}
+    assert set(meta.encoders) == {"vae", "tokenizer", "text_encoder", "latents"} and meta.encoders["latents"] == "mean"
+    folder = pipeline[1]
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    abar = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod.float()
+    row, g = 9, 1
+    data = load_dataset(str(train_folder))
+    t = meta.timesteps[g]
+    with torch.no_grad():
+        z = vae.encode(data.images[row : row + 1]).latent_dist.mean * vae.config.scaling_factor
+        tokens = tokenizer([data.captions[row]], padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+        states = text_encoder(tokens)[0]
+    eps = noise_for(meta.noise_seed, [row], 1, [t], 0, z.shape[1:], policy="shared")
+    x_t = abar[t].sqrt() * z + (1 - abar[t]).sqrt() * eps
+    (unet(x_t, torch.tensor([t]), encoder_hidden_states=states).sample - eps).square().mean().backward()
+    expected = torch.cat([p.grad.flatten() for _, p in sorted(unet.named_parameters())])
+    stored = FeatureStore.open(store)
+    got = np.asarray(stored.group["features/step-200"][row, g]) * np.asarray(stored.group["norms/step-200"][row, g])
+    np.testing.assert_allclose(got, expected.numpy(), rtol=2e-3, atol=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_latents_are_encoded_once_and_cached(tmp_path, pipeline, train_folder):
+    """The VAE encodes each training row once for every checkpoint, and not again when an interrupted run resumes
+    (the latents are read back from STORE.latents/); the resumed store equals an uninterrupted one; queries are
+    encoded once for all checkpoints."""
+    from projidx.features.featurization import featurize, featurize_queries
+    from projidx.models.checkpoints import load_checkpoints
+    from projidx.settings import FeaturizeConfig
+
+    ckpts = load_checkpoints(pipeline)
+    vae = ckpts.frozen.vae
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    data = load_dataset(str(train_folder), stream=True)
+    config = FeaturizeConfig(proj_dim=32, timesteps=2, chunk_rows=4)  # 3 chunks x 2 checkpoints
+
+    def stop_after_two(cid: str, i: int) -> None:
+        if (cid, i) == ("step-100", 1):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        featurize(ckpts, data, tmp_path / "s.zarr", config, progress=False, on_chunk=stop_after_two)
+    assert calls == [4, 4]
+    store = featurize(ckpts, data, tmp_path / "s.zarr", config, progress=False)
+    assert calls == [4, 4, 4]  # the third chunk only; both checkpoints read the cache
+    whole = featurize(load_checkpoints(pipeline), data, tmp_path / "whole.zarr", config, progress=False)
+    for cid in store.meta.checkpoint_ids:
+        np.testing.assert_array_equal(store.group[f"features/{cid}"][:], whole.group[f"features/{cid}"][:])
+    featurize_queries(store, ckpts, load_dataset(str(train_folder)).subset(slice(0, 3)), progress=False)
+    assert calls == [4, 4, 4, 3]
+
+
+def test_captions_change_the_features(pipeline, train_folder, tmp_path):
+    """A query's features depend on its caption (the same image with another prompt gets other gradients), and
+    the training captions are part of the store's data fingerprint."""
+    from projidx.data.datasets import with_prompt
+    from projidx.features.featurization import featurize, featurize_queries
+    from projidx.models.checkpoints import load_checkpoints
+    from projidx.settings import FeaturizeConfig
+
+    ckpts = load_checkpoints(pipeline)
+    data = load_dataset(str(train_folder))
+    store = featurize(ckpts, data, tmp_path / "s.zarr", FeaturizeConfig(proj_dim=32, timesteps=2), progress=False)
+    image = data.subset(slice(0, 1))
+    red, again, sky = (featurize_queries(store, ckpts, with_prompt(image, p), progress=False).features[0]
+                       for p in ("a red cat", "a red cat", "the sky"))
+    np.testing.assert_array_equal(red, again)
+    assert not np.allclose(red, sky, atol=1e-3)
+    assert data.fingerprint(store.meta.conditioning_inputs) == store.meta.dataset_fingerprint
+    recaptioned = with_prompt(data, "one caption for all")
+    assert recaptioned.fingerprint(store.meta.conditioning_inputs) != store.meta.dataset_fingerprint
