@@ -194,3 +194,103 @@ def test_captions_change_the_features(pipeline, train_folder, tmp_path):
     assert data.fingerprint(store.meta.conditioning_inputs) == store.meta.dataset_fingerprint
     recaptioned = with_prompt(data, "one caption for all")
     assert recaptioned.fingerprint(store.meta.conditioning_inputs) != store.meta.dataset_fingerprint
+
+
+def test_pipeline_on_the_cli(tmp_path, pipeline, train_folder):
+    """featurize -> index -> sample (prompts written beside the images) -> query (reads them back; --prompt
+    overrides) -> validate on pipeline folders with metadata.jsonl captions."""
+    store, ckpt = tmp_path / "s.zarr", checkpoint_flags(pipeline)
+    run("featurize", *ckpt, "--data", train_folder, "--store", store, "--timesteps", 2, "--proj-dim", 64)
+    run("index", "--store", store)
+    generated = tmp_path / "gen"
+    run("sample", *ckpt, "--out", generated, "--n", 2, "--steps", 2, "--prompt", "a red cat", "--guidance-scale", 3)
+    records = [json.loads(line) for line in (generated / "metadata.jsonl").read_text().splitlines()]
+    assert records == [{"file_name": f"sample_0000{i}.png", "text": "a red cat"} for i in range(2)]
+    run("query", "--store", store, "--data", generated, "--out", tmp_path / "g.json", "--top-k", 3)
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert [q["query_name"] for q in result["queries"]] == ["sample_00000.png", "sample_00001.png"]
+    assert all(len(q["names"]) == 3 and q["names"][0].startswith("img_") for q in result["queries"])
+    run("query", "--store", store, "--data", train_folder, "--limit", 2, "--out", tmp_path / "r.json", "--exact")
+    assert [q["ids"][0] for q in json.loads((tmp_path / "r.json").read_text())["queries"]] == [0, 1]
+    run("query", "--store", store, "--data", generated, "--prompt", "the sky", "--out", tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())["queries"] != result["queries"]
+    run("validate", "--store", store, "--samples", 3, "--method", "matched", "--out", tmp_path / "v.json")
+    assert json.loads((tmp_path / "v.json").read_text())["methods"]["matched"]["self"]["top1"] == 1.0
+
+
+def test_bad_pipeline_inputs(tmp_path, pipeline, train_folder):
+    """A caption missing for some image, no captions at all, images of the wrong size, a tokenizer that does not
+    fit its text encoder (vocabulary, length), another VAE for a store's queries, other latents or captions on
+    resume: one-line errors, nothing written."""
+    import shutil
+
+    store, ckpt = tmp_path / "s.zarr", checkpoint_flags(pipeline)
+    partial = image_folder(tmp_path / "partial", slice(0, 4))
+    lines = (partial / "metadata.jsonl").read_text().splitlines()
+    (partial / "metadata.jsonl").write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    assert_clean_error(run("featurize", *ckpt, "--data", partial, "--store", store, ok=False),
+                       "no caption for image img_002.png")
+    (partial / "metadata.jsonl").unlink()
+    assert_clean_error(run("featurize", *ckpt, "--data", partial, "--store", store, ok=False), "captions",
+                       "metadata.jsonl")
+    assert_clean_error(run("featurize", *ckpt, "--data", train_folder, "--resize", "8x8", "--store", store,
+                           ok=False), "--resize 16x16")
+    for bad, words in ((dict(vocab=20), "54 tokens"), (dict(positions=4), "pads captions to 8 tokens")):
+        folder = tiny_pipeline(tmp_path / str(len(words)), count=1, **bad)[0]
+        assert_clean_error(run("featurize", "--checkpoints", folder, "--data", train_folder, "--store", store,
+                               ok=False), "tokenizer", words)
+    assert not store.exists()
+    run("featurize", *ckpt, "--data", train_folder, "--store", store, "--timesteps", 2, "--proj-dim", 32)
+    assert_clean_error(run("featurize", *ckpt, "--data", train_folder, "--store", store, "--latents", "sample",
+                           ok=False), "latents")
+    other = image_folder(tmp_path / "other", slice(0, N), captions="txt")
+    (other / "img_000.txt").write_text("another caption")
+    assert_clean_error(run("featurize", *ckpt, "--data", other, "--store", store, ok=False), "dataset")
+    moved = []
+    for folder in pipeline:
+        moved.append(tmp_path / "moved" / folder.name)
+        shutil.copytree(folder, moved[-1])
+        vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae")
+        with torch.no_grad():
+            next(vae.parameters()).add_(0.1)
+        vae.save_pretrained(moved[-1] / "vae")
+    assert_clean_error(run("query", "--store", store, "--data", train_folder, "--out", tmp_path / "r.json",
+                           *[a for f in moved for a in ("--checkpoints", f)], ok=False), "another VAE")
+    assert_clean_error(run("featurize", "--checkpoints", pipeline[0], "--checkpoints", moved[1], "--data",
+                           train_folder, "--store", tmp_path / "mixed.zarr", ok=False), "vae/ differs")
+
+
+def test_serve_takes_a_prompt_with_each_image(tmp_path, pipeline, train_folder):
+    """POST /query with an image and its prompt (multipart: one prompt for all or one per image; JSON: per image
+    or top-level): the answer is the one query gives for the same image and prompt; an overlong prompt, a prompt
+    count that fits no image count and an image without any prompt are one-line 400s."""
+    import base64
+    import io
+
+    pytest.importorskip("flask")
+    from projidx.cli.service import QueryService, create_app
+    from projidx.settings import ServeLimits
+
+    store = tmp_path / "s.zarr"
+    run("featurize", *checkpoint_flags(pipeline), "--data", train_folder, "--store", store, "--timesteps", 2,
+        "--proj-dim", 32)
+    run("index", "--store", store)
+    png = (train_folder / "img_003.png").read_bytes()
+    run("query", "--store", store, "--data", train_folder / "img_003.png", "--prompt", "a dog", "--out",
+        tmp_path / "r.json")
+    expected = json.loads((tmp_path / "r.json").read_text())["queries"][0]["ids"]
+    app = create_app(QueryService(str(store), limits=ServeLimits(max_prompt_chars=20))).test_client()
+    form = app.post("/query", data={"image": (io.BytesIO(png), "q.png"), "prompt": "a dog"})
+    assert form.status_code == 200, form.json
+    assert form.json["queries"][0]["ids"] == expected
+    body = {"images": [{"name": "q.png", "base64": base64.b64encode(png).decode()}], "prompt": "a dog"}
+    dog = app.post("/query", json=body).json["queries"][0]
+    assert dog["ids"] == expected
+    body["images"][0]["prompt"] = "the sky"  # an image's own prompt wins over the top-level one
+    assert app.post("/query", json=body).json["queries"][0]["scores"] != dog["scores"]
+    for bad, words in (({**body, "prompt": "x" * 21}, "at most 20 characters"),
+                       ({"images": [{"name": "q.png", "base64": body["images"][0]["base64"]}]}, "captions")):
+        answer = app.post("/query", json=bad)
+        assert answer.status_code == 400 and words in answer.json["error"], answer.json
+    two = app.post("/query", data={"image": (io.BytesIO(png), "q.png"), "prompt": ["a", "b"]})
+    assert two.status_code == 400 and "one per image" in two.json["error"]

@@ -11,6 +11,7 @@ encoder states (B, L, D) with L the tokenizer's ``model_max_length`` and D the t
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,26 @@ LATENT_SEED = "latents"  # the stream of --latents sample draws: (seed, sample i
 
 def folder_digest(folder: Path) -> str:
     """sha256 over every file under ``folder`` (its relative name and its own sha256), in name order: one digest
-    of a component's weights, config and vocabulary together."""
+    of a component's weights, config and vocabulary together. A JSON object's bookkeeping keys (``_name_or_path``,
+    ``_diffusers_version``, ...: where it was saved from, by which version) are left out, so a copy saved
+    elsewhere has the same digest."""
     h = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\0".encode())
+        h.update(f"{path.relative_to(folder).as_posix()}\0{_content_digest(path)}\0".encode())
     return h.hexdigest()
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a file; of a JSON object's keys and values without the ``_``-prefixed ones (canonical JSON)."""
+    if path.suffix == ".json":
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            value = None
+        if isinstance(value, dict):
+            body = {k: v for k, v in value.items() if not k.startswith("_")}
+            return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return file_sha256(path)
 
 
 @dataclass
