@@ -294,3 +294,45 @@ def test_serve_takes_a_prompt_with_each_image(tmp_path, pipeline, train_folder):
         assert answer.status_code == 400 and words in answer.json["error"], answer.json
     two = app.post("/query", data={"image": (io.BytesIO(png), "q.png"), "prompt": ["a", "b"]})
     assert two.status_code == 400 and "one per image" in two.json["error"]
+
+
+def test_caption_sources(tmp_path):
+    """The same captions from metadata.jsonl, metadata.csv, .txt files, a Hugging Face caption column and an .npz;
+    a named caption column that is missing is refused."""
+    from PIL import Image
+
+    from projidx.errors import ProjidxError
+    from projidx.settings import DataOptions
+
+    datasets = pytest.importorskip("datasets")
+    expected = load_dataset(str(image_folder(tmp_path / "jsonl", slice(0, 4)))).captions
+    assert expected[1] == "a blue cat"
+    for kind in ("csv", "txt"):
+        assert load_dataset(str(image_folder(tmp_path / kind, slice(0, 4), captions=kind))).captions == expected
+    assert load_dataset(str(tmp_path / "jsonl" / "img_001.png")).captions == (expected[1],)
+    images = [Image.open(tmp_path / "jsonl" / f"img_{i:03d}.png") for i in range(4)]
+    datasets.Dataset.from_dict({"image": images, "text": list(expected)}).save_to_disk(tmp_path / "hf")
+    assert load_dataset(str(tmp_path / "hf")).captions == expected
+    assert load_dataset(str(tmp_path / "hf"), stream=True).captions == expected
+    data = load_dataset(str(tmp_path / "jsonl"))
+    np.savez(tmp_path / "c.npz", images=((data.images.numpy() + 1) * 127.5).round().astype(np.uint8),
+             captions=np.asarray(expected))
+    assert load_dataset(str(tmp_path / "c.npz")).captions == expected
+    for spec in ("jsonl", "hf"):
+        with pytest.raises(ProjidxError, match="no caption column 'prompt'"):
+            load_dataset(str(tmp_path / spec), DataOptions(caption_column="prompt"))
+
+
+def test_sampled_latents_are_seeded_draws(pipeline, train_folder):
+    """--latents sample: mean + std x eps with eps seeded by (noise seed, sample id): the same draw for the same
+    seed and id, another for another seed, and not the mean."""
+    from projidx.models.checkpoints import load_checkpoints
+
+    parts = load_checkpoints(pipeline).frozen
+    data = load_dataset(str(train_folder)).subset(slice(0, 3))
+    mean = parts.encode_images(data.images, data.ids, "mean", 0)
+    first, again, other = (parts.encode_images(data.images, data.ids, "sample", s) for s in (0, 0, 1))
+    assert mean.shape == (3, 4, SIZE // 2, SIZE // 2)
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other) and not torch.allclose(first, mean)
+    torch.testing.assert_close(parts.encode_images(data.images[1:2], data.ids[1:2], "sample", 0), first[1:2])
