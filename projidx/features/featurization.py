@@ -536,11 +536,14 @@ def featurize_queries(
                disable=not progress)
     weights = state_dicts if state_dicts is not None else load_state_dicts(ckpts)
     blocks = [slice(a, min(a + per_block, len(queries))) for a in range(0, len(queries), per_block)]
-    inputs = [encoded.subset(rows) for rows in blocks]  # a pipeline's encoders run once, not per checkpoint
+    # a pipeline's encoders run once, not per checkpoint (its encoded queries are held); other rows are read per
+    # block (a streamed training set as queries stays on disk)
+    held = [encoded.subset(rows) for rows in blocks] if isinstance(encoded, EncodedRows) else None
     for c, ckpt in enumerate(ckpts.checkpoints):
         computer.load_state_dict(weights[c])
         parts = []
-        for rows, block in zip(blocks, inputs, strict=True):
+        for i, rows in enumerate(blocks):
+            block = held[i] if held is not None else encoded.subset(rows)
             parts.append(_featurize_rows(computer, projector, block, times[rows], c, ckpt.id, batch_size, noise,
                                          meta.conditioning))
             bar.update(rows.stop - rows.start)
