@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from projidx.errors import ProjidxError, one_line
 
 
 def stream_sha256(f: BinaryIO) -> str:
@@ -41,3 +44,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all (:func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; ProjidxError starting with ``what`` if it is unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ProjidxError(f"{what}: cannot read {path} ({one_line(e)})") from e
+    if not isinstance(value, dict):
+        raise ProjidxError(f"{what}: {path} must hold a JSON object")
+    return value

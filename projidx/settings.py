@@ -22,6 +22,7 @@ KINDS = ("sjlt", "srht", "dense", "factorized", "identity")  # projector kinds
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector
 METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak", "das")
 VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
+LATENTS = ("mean", "sample")  # a VAE's latent of an image: its posterior mean, or a draw seeded by the noise seed
 
 
 def require_at_least(settings: object, names: tuple[str, ...], minimum: int) -> None:
@@ -41,13 +42,16 @@ def require_fraction(settings: object, name: str) -> None:
 @dataclass(frozen=True)
 class DataOptions:
     """How a DATA spec's values are read: ``value_range`` (VALUE_RANGES; auto: uint8 = [0, 255], float = [-1, 1]
-    and refused when it looks like another range), ``resize`` (H, W) or None, and for Hugging Face datasets the
-    ``image_column`` and ``label_column`` (None: "label" if the dataset has it)."""
+    and refused when it looks like another range), ``resize`` (H, W) or None, for Hugging Face datasets the
+    ``image_column`` and ``label_column`` (None: "label" if the dataset has it), and ``caption_column``: the text
+    of each image in a Hugging Face dataset or an image folder's metadata.jsonl / metadata.csv (None: "text" where
+    present)."""
 
     value_range: str = "auto"
     resize: tuple[int, int] | None = None
     image_column: str = "image"
     label_column: str | None = None
+    caption_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.value_range not in VALUE_RANGES:
@@ -57,13 +61,14 @@ class DataOptions:
 
     def to_dict(self) -> dict:
         return {"value_range": self.value_range, "resize": list(self.resize) if self.resize else None,
-                "image_column": self.image_column, "label_column": self.label_column}
+                "image_column": self.image_column, "label_column": self.label_column,
+                "caption_column": self.caption_column}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> DataOptions:
         d = d or {}
         return cls(d.get("value_range", "auto"), tuple(d["resize"]) if d.get("resize") else None,
-                   d.get("image_column", "image"), d.get("label_column"))
+                   d.get("image_column", "image"), d.get("label_column"), d.get("caption_column"))
 
 
 def check_grid_size(name: str, size: int, T: int) -> None:
@@ -101,10 +106,11 @@ class FeaturizeConfig:
     device: str = "cpu"
     objective: str = "dtrak"  # OBJECTIVES: D-TRAK's mean squared output (docs/results.md: generated images)
     train_draws: int = 1  # noise draws averaged per training-side gradient (the paper: 1)
+    latents: str = "mean"  # LATENTS: what a pipeline's VAE makes of an image (pixel-space models: unused)
 
     def __post_init__(self) -> None:
         choices = {"projector": PROJECTOR_CHOICES, "noise": NOISE_POLICIES, "train_timesteps": TRAIN_TIMESTEP_MODES,
-                   "objective": OBJECTIVES, "dtype": ("float16", "float32"), "grid": GRIDS}
+                   "objective": OBJECTIVES, "dtype": ("float16", "float32"), "grid": GRIDS, "latents": LATENTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ProjidxError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -156,6 +162,32 @@ class MemorizationConfig:
 
 
 @dataclass(frozen=True)
+class SampleConfig:
+    """``projidx sample``: ``count`` images from ``seed``, with ``steps`` DDIM steps (None: 50 for a pixel-space
+    model, PIPELINE_STEPS for a text-to-image pipeline, whose steps each run the UNet twice); a text-to-image
+    pipeline's classifier-free ``guidance_scale`` (1: no guidance)."""
+
+    count: int = 16
+    steps: int | None = None
+    seed: int = 0
+    guidance_scale: float = 7.5
+
+    PIXEL_STEPS = 50
+    PIPELINE_STEPS = 20
+
+    def __post_init__(self) -> None:
+        require_at_least(self, ("count",), 1)
+        if self.steps is not None:
+            require_at_least(self, ("steps",), 1)
+        if not self.guidance_scale >= 1:
+            raise ProjidxError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
+
+    def steps_for(self, pipeline: bool) -> int:
+        """The DDIM steps to run: ``steps``, else the default of a pipeline (True) or a pixel-space model."""
+        return self.steps if self.steps is not None else self.PIPELINE_STEPS if pipeline else self.PIXEL_STEPS
+
+
+@dataclass(frozen=True)
 class ServeLimits:
     """What one ``projidx serve`` request may ask for, so that no request can exhaust the server.
 
@@ -165,7 +197,8 @@ class ServeLimits:
     file read under ``data_root``). ``timeout``: seconds a request waits for the model (then 503) and a client
     connection may stay idle. ``threads``: requests handled at once (gradient computations run one at a time).
     ``data_root``: a directory whose regular files requests may name as DATA (None: uploads only).
-    ``builtin_data``: whether requests may name the built-in data sets (digits, photos)."""
+    ``builtin_data``: whether requests may name the built-in data sets (digits, photos). ``max_prompt_chars``: the
+    characters of a query's prompt (text-to-image stores; the tokenizer truncates to its own length anyway)."""
 
     max_images: int = 16
     max_noise_draws: int = 16
@@ -175,9 +208,11 @@ class ServeLimits:
     threads: int = 4
     data_root: str | None = None
     builtin_data: bool = False
+    max_prompt_chars: int = 1000
 
     def __post_init__(self) -> None:
-        require_at_least(self, ("max_images", "max_noise_draws", "max_gradients", "max_upload_bytes", "threads"), 1)
+        require_at_least(self, ("max_images", "max_noise_draws", "max_gradients", "max_upload_bytes", "threads",
+                                "max_prompt_chars"), 1)
         if not self.timeout > 0:
             raise ProjidxError(f"timeout must be > 0 seconds, got {self.timeout}")
 

@@ -13,6 +13,7 @@ from projidx.errors import ProjidxError, one_line
 from projidx.features.dist import PeerError, world_from_env
 from projidx.settings import (
     GRIDS,
+    LATENTS,
     METHODS,
     NOISE_POLICIES,
     OBJECTIVES,
@@ -23,6 +24,7 @@ from projidx.settings import (
     FeaturizeConfig,
     LDSConfig,
     MemorizationConfig,
+    SampleConfig,
     ServeLimits,
     check_grid_size,
 )
@@ -100,35 +102,50 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+DATA = DataOptions()  # the defaults the data options show
+DATA_FLAGS = ("value_range", "resize", "image_column", "label_column", "caption_column")
+
+
 def data_options(fn):
-    """--value-range, --resize, --image-column, --label-column: how --data is read (settings.DataOptions)."""
-    fn = click.option("--label-column", default=None,
-                      help="Hugging Face datasets: the label column [default: 'label' if present].")(fn)
-    fn = click.option("--image-column", default="image", show_default=True,
-                      help="Hugging Face datasets: the image column.")(fn)
-    fn = click.option("--resize", default=None, metavar="HxW",
-                      help="Resize every image to H x W (bilinear, antialiased) [default: keep; mixed sizes are"
-                           " refused].")(fn)
-    return click.option("--value-range", type=click.Choice(VALUE_RANGES), default="auto", show_default=True,
+    """--value-range, --resize, --image-column, --label-column, --caption-column: how --data is read
+    (settings.DataOptions), handed to the command together as ``data_flags`` (read with :func:`_data`)."""
+
+    @functools.wraps(fn)
+    def collected(*args, **kwargs):
+        return fn(*args, data_flags={name: kwargs.pop(name) for name in DATA_FLAGS}, **kwargs)
+
+    collected = click.option("--caption-column", default=DATA.caption_column,
+                             help="The caption of each image: a Hugging Face dataset's column, or the column of an"
+                                  " image folder's metadata.jsonl / metadata.csv [default: 'text' if present].")(
+        collected)
+    collected = click.option("--label-column", default=DATA.label_column,
+                             help="Hugging Face datasets: the label column [default: 'label' if present].")(collected)
+    collected = click.option("--image-column", default=DATA.image_column, show_default=True,
+                             help="Hugging Face datasets: the image column.")(collected)
+    collected = click.option("--resize", default=None, metavar="HxW",
+                             help="Resize every image to H x W (bilinear, antialiased) [default: keep; mixed sizes"
+                                  " are refused].")(collected)
+    return click.option("--value-range", type=click.Choice(VALUE_RANGES), default=DATA.value_range,
+                        show_default=True,
                         help="Range of the stored values: auto = uint8 as [0, 255] and float as [-1, 1] (float data"
-                             " that looks like [0, 1] or [0, 255] is refused); or declare -1,1, 0,1, 0,255.")(fn)
+                             " that looks like [0, 1] or [0, 255] is refused); or declare -1,1, 0,1, 0,255.")(
+        collected)
 
 
-def _data(spec: str, value_range: str, resize: str | None, image_column: str = "image",
-          label_column: str | None = None, stream: bool = False):
-    """The dataset of a --data spec read with --value-range / --resize / --image-column / --label-column
-    (``stream``: images left on disk where the kind allows, data.StreamedImages)."""
+def _data(spec: str, data_flags: dict | None = None, stream: bool = False):
+    """The dataset of a --data spec read as the data options say (``data_flags`` from :func:`data_options`;
+    None: the defaults). ``stream``: images left on disk where the kind allows (data.StreamedImages)."""
     from projidx.data.datasets import load_dataset
 
-    size = None
+    flags = dict(data_flags or {})
+    resize = flags.pop("resize", None)
     if resize is not None:
         try:
             h, w = (int(v) for v in resize.lower().split("x"))
         except ValueError:
             raise ProjidxError(f"--resize must look like 32x32, got {resize!r}") from None
-        size = (h, w)
-    return load_dataset(spec, _flags(DataOptions, value_range=value_range, resize=size, image_column=image_column,
-                                     label_column=label_column), stream=stream)
+        flags["resize"] = (h, w)
+    return load_dataset(spec, _flags(DataOptions, **flags), stream=stream)
 
 
 STORE_HELP = "A featurized store: a path or an fsspec URL (file://, memory://, s3://, gs://)."
@@ -171,8 +188,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Write into a non-empty --out (replacing its checkpoints).")
 @data_options
 @_fail_cleanly
-def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule, force, value_range,
-          resize, image_column, label_column) -> None:
+def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, schedule, force, data_flags) -> None:
     """Train a small DDPM and save checkpoints with their TracIn weights and replay records."""
     from projidx.models.diffusion import NoiseSchedule
     from projidx.models.training import TrainConfig
@@ -184,7 +200,7 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
                            " another directory, or pass --force to replace them")
     config = TrainConfig(epochs=epochs, checkpoints=checkpoints, seed=seed, loss=loss, lr=lr,
                          batch_size=batch_size, schedule=NoiseSchedule(schedule), unet=UNetConfig(base=width))
-    ckpts = run_train(_data(data, value_range, resize, image_column, label_column), out, config)
+    ckpts = run_train(_data(data, data_flags), out, config)
     click.echo(f"wrote {len(ckpts.checkpoints)} checkpoints to {out}")
 
 
@@ -247,6 +263,9 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
                    " DAS's mean model output (output).")
 @click.option("--train-draws", default=FEATURIZE.train_draws, show_default=True, type=click.IntRange(1),
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
+@click.option("--latents", type=click.Choice(LATENTS), default=FEATURIZE.latents, show_default=True,
+              help="Pipelines with a VAE: each image's latent is its posterior mean, or a draw seeded by --noise-seed"
+                   " (both sides).")
 @click.option("--other-data", is_flag=True,
               help="Replay mode: accept data that is not the set the checkpoints were trained on (warns).")
 @click.option("--threads", type=click.IntRange(1), default=None,
@@ -255,8 +274,8 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
 @data_options
 @_fail_cleanly
 def featurize(locations, weights, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
-              projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data,
-              threads, value_range, resize, image_column, label_column) -> None:
+              projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, latents,
+              other_data, threads, data_flags) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
@@ -267,13 +286,13 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
     values = dict(projector=projector, proj_dim=proj_dim, projection_seed=projection_seed, noise_seed=noise_seed,
                   noise=noise, dtype=dtype, train_timesteps=train_timesteps, timesteps=timesteps, grid=grid,
                   batch_size=batch_size, chunk_rows=chunk_rows, device=device, objective=objective,
-                  train_draws=train_draws)
+                  train_draws=train_draws, latents=latents)
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
     ckpts = _checkpoints(locations, weights)
     if config.train_timesteps == "grid":
         check_grid_size("--timesteps", config.timesteps, ckpts.schedule.T)
-    images = _data(data, value_range, resize, image_column, label_column, stream=True)
+    images = _data(data, data_flags, stream=True)
     start = time.perf_counter()
     fs = run_featurize(ckpts, images, store, config, allow_other_data=other_data)
     world = world_from_env()
@@ -362,13 +381,17 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 @click.option("--rerank", type=click.IntRange(1), default=None,
               help="Take this many candidates from the index and order them by their exact scores from the store.")
 @click.option("--device", default="cpu", show_default=True, help="Where query gradients are computed.")
+@click.option("--prompt", default=None,
+              help="Text-to-image stores: the prompt of every query image [default: the data's own captions,"
+                   " e.g. the metadata.jsonl 'projidx sample' writes].")
 @checkpoints_option
 @train_data_option
 @data_options
 @_fail_cleanly
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
-          device, ckpt_dir, train_data, value_range, resize, image_column, label_column) -> None:
+          device, prompt, ckpt_dir, train_data, data_flags) -> None:
     """Top-k influential training samples for each query image."""
+    from projidx.data.datasets import with_prompt
     from projidx.files import write_text_atomic
     from projidx.search.attribution import attribute, has_file_names, store_checkpoints, store_dataset, training_images
     from projidx.search.scoring import default_method
@@ -376,8 +399,10 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
 
     _check_device(device)
     fs = FeatureStore.open(store)
+    if prompt is not None and "text_encoder" not in fs.meta.encoders:
+        raise ProjidxError(f"--prompt: store {store} was built from a model without a text encoder")
     method = method or default_method(fs)
-    queries = _data(data, value_range, resize, image_column, label_column)
+    queries = with_prompt(_data(data, data_flags), prompt)
     if limit is not None:
         queries = queries.subset(slice(0, limit))
     ckpts = store_checkpoints(fs, ckpt_dir)
@@ -469,7 +494,7 @@ def _indices(fs) -> dict:
 @data_options
 @_fail_cleanly
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
-             min_near_top10, min_shift_top10, ckpt_dir, value_range, resize, image_column, label_column) -> None:
+             min_near_top10, min_shift_top10, ckpt_dir, data_flags) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
     from projidx.reports.validate import CHECKS, failures, validate_store
     from projidx.search.attribution import store_checkpoints, store_dataset
@@ -477,7 +502,7 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
     from projidx.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store)
-    train = _data(data, value_range, resize, image_column, label_column, stream=True) if data else store_dataset(fs)
+    train = _data(data, data_flags, stream=True) if data else store_dataset(fs)
     report = validate_store(fs, store_checkpoints(fs, ckpt_dir), train, samples, seed, sigma, tuple(methods) or None,
                             query_timesteps, noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"
@@ -501,58 +526,112 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
         raise ProjidxError("validate: below threshold: " + "; ".join(missed))
 
 
+SAMPLE = SampleConfig()  # the defaults the sample options show
+
+
 @main.command()
 @checkpoint_options
 @click.option("--out", required=True, type=click.Path(),
-              help="A folder (one PNG per image) or a file ending in .npz (images, ids and labels) to write.")
-@click.option("--n", "count", default=16, show_default=True, type=click.IntRange(1), help="Images to generate.")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps (eta = 0).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the starting noise.")
+              help="A folder (one PNG per image, and a metadata.jsonl of their prompts) or a file ending in .npz"
+                   " (images, ids, labels, captions) to write.")
+@click.option("--n", "count", default=SAMPLE.count, show_default=True, type=click.IntRange(1),
+              help="Images to generate.")
+@click.option("--steps", default=SAMPLE.steps, type=click.IntRange(1),
+              help=f"DDIM steps (eta = 0) [default: {SampleConfig.PIXEL_STEPS}; text-to-image pipelines:"
+                   f" {SampleConfig.PIPELINE_STEPS}].")
+@click.option("--seed", default=SAMPLE.seed, show_default=True, help="Seed of the starting noise.")
 @click.option("--checkpoint", "which", default=None, help="Checkpoint id to sample from [default: the last].")
 @click.option("--label", "labels", default=None, metavar="L1,L2,...",
               help="Class-conditional models: the class label of every image (one), or one per image.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Text-to-image pipelines: the prompt of every image (once), or one per image (repeated --n"
+                   " times); written beside the images for 'projidx query'.")
+@click.option("--guidance-scale", default=SAMPLE.guidance_scale, show_default=True, type=float,
+              help="Text-to-image pipelines: classifier-free guidance scale (1: none).")
 @_fail_cleanly
-def sample(locations, weights, out, count, steps, seed, which, labels) -> None:
-    """Generate images with deterministic DDIM from a checkpoint, as queries for 'projidx query'."""
-    from projidx.files import atomic_path
+def sample(locations, weights, out, count, steps, seed, which, labels, prompts, guidance_scale) -> None:
+    """Generate images from a checkpoint, as queries for 'projidx query': deterministic DDIM, or for a
+    text-to-image pipeline its own StableDiffusionPipeline with a DDIM scheduler and the prompts given."""
     from projidx.models.checkpoints import check_blob
     from projidx.models.diffusion import ddim_sample, model_conditioning
 
+    config = _flags(SampleConfig, count=count, steps=steps, seed=seed, guidance_scale=guidance_scale)
     ckpts = _checkpoints(locations, weights)
     by_id = {c.id: c for c in ckpts.checkpoints}
     if which is not None and which not in by_id:
         raise ProjidxError(f"--checkpoint {which!r}: no such checkpoint (have {', '.join(by_id)})")
     ckpt = by_id[which] if which is not None else ckpts.checkpoints[-1]
     needs = model_conditioning(ckpts.model)
+    text = ckpts.frozen is not None and ckpts.frozen.text_encoder is not None
+    captions = _sample_prompts(prompts, count, text)
     label_array = _sample_labels(labels, count, needs)
-    if set(needs) - {"class_labels"}:
+    if not text and set(needs) - {"class_labels"}:
         raise ProjidxError(f"sample: the model is conditioned on {', '.join(sorted(needs))}; projidx samples"
-                           " unconditional and class-conditional models (generate with your pipeline, then pass"
-                           " the images and their embeddings to query as an .npz)")
+                           " unconditional and class-conditional models and text-to-image pipelines (with a text"
+                           " encoder); generate with your pipeline, then pass the images and their embeddings to"
+                           " query as an .npz")
+    if ckpts.frozen is not None and not text:
+        raise ProjidxError("sample: a latent pipeline without a text encoder is not sampled by projidx; generate"
+                           " with your pipeline")
     if label_array is not None and Path(out).suffix != ".npz":
         raise ProjidxError("--label: write an .npz --out, which keeps each image's label for 'projidx query'")
-    import torch
-
     ckpts.model.load_state_dict(check_blob(ckpt.load(), ckpt.id, ckpts.schedule.T)["state_dict"])
-    conditioning = {"class_labels": torch.from_numpy(label_array)} if label_array is not None else None
-    images = ddim_sample(ckpts.model.eval(), ckpts.schedule, count, ckpts.image_shape, steps=steps, seed=seed,
-                         prediction=ckpts.prediction, conditioning=conditioning)
-    pixels = ((images.numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
-    target = Path(out)
-    if target.suffix == ".npz":
-        import numpy as np
+    steps = config.steps_for(text)
+    if text:
+        from projidx.models.pipeline import sample_pipeline
 
-        extra = {"labels": label_array} if label_array is not None else {}
-        with atomic_path(target) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=pixels, ids=np.arange(count), **extra)
+        images = sample_pipeline(ckpts.frozen, ckpts.model.unet.eval(), captions, ckpts.image_shape, steps,
+                                 config.guidance_scale, config.seed)
     else:
-        from PIL import Image
+        import torch
 
-        target.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(pixels):
-            with atomic_path(target / f"sample_{i:05d}.png") as tmp:
-                Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
+        conditioning = {"class_labels": torch.from_numpy(label_array)} if label_array is not None else None
+        images = ddim_sample(ckpts.model.eval(), ckpts.schedule, count, ckpts.image_shape, steps=steps,
+                             seed=config.seed, prediction=ckpts.prediction, conditioning=conditioning)
+    _write_samples(Path(out), ((images.numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"), label_array,
+                   captions)
     click.echo(f"wrote {count} images sampled from checkpoint {ckpt.id} ({steps} DDIM steps, seed {seed}) to {out}")
+
+
+def _write_samples(target: Path, pixels, labels, captions: list[str] | None) -> None:
+    """Generated images (n, C, H, W) uint8 as an .npz (images, ids, labels, captions where given) or a folder of
+    PNGs with a metadata.jsonl of their captions (the imagefolder convention, which 'projidx query' reads)."""
+    import numpy as np
+
+    from projidx.files import atomic_path, write_text_atomic
+
+    if target.suffix == ".npz":
+        extra = {"labels": labels} if labels is not None else {}
+        if captions is not None:
+            extra["captions"] = np.asarray(captions, dtype=str)
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=pixels, ids=np.arange(len(pixels)), **extra)
+        return
+    from PIL import Image
+
+    target.mkdir(parents=True, exist_ok=True)
+    names = [f"sample_{i:05d}.png" for i in range(len(pixels))]
+    for name, img in zip(names, pixels, strict=True):
+        with atomic_path(target / name) as tmp:
+            Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
+    if captions is not None:
+        write_text_atomic(target / "metadata.jsonl", "".join(json.dumps({"file_name": n, "text": c}) + "\n"
+                                                             for n, c in zip(names, captions, strict=True)))
+
+
+def _sample_prompts(prompts: tuple[str, ...], count: int, text: bool) -> list[str] | None:
+    """``count`` prompts from --prompt (one for all, or one per image), or None; required by a text-to-image
+    pipeline, refused by other models."""
+    if not text:
+        if prompts:
+            raise ProjidxError("--prompt: the model has no text encoder (a text-to-image pipeline folder has"
+                               " tokenizer/ and text_encoder/)")
+        return None
+    if not prompts:
+        raise ProjidxError("the model is a text-to-image pipeline: pass --prompt")
+    if len(prompts) not in (1, count):
+        raise ProjidxError(f"--prompt: give one prompt or {count} (--n), got {len(prompts)}")
+    return list(prompts) * count if len(prompts) == 1 else list(prompts)
 
 
 def _sample_labels(labels: str | None, count: int, needs: dict[str, dict]):
@@ -602,13 +681,15 @@ SERVE = ServeLimits()  # the defaults the serve options show
 @click.option("--data-root", default=None, type=click.Path(exists=True, file_okay=False),
               help="Let requests name regular files under DIR as data (image, .npz, .npy) [default: uploads only].")
 @click.option("--builtin-data", is_flag=True, help="Let requests name the built-in data sets (digits, photos).")
+@click.option("--max-prompt-chars", default=SERVE.max_prompt_chars, show_default=True, type=int,
+              help="Characters of a request's prompt (text-to-image stores).")
 @click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Require 'Authorization: Bearer TOKEN' with the token in this file (or in $PROJIDX_SERVE_TOKEN).")
 @checkpoints_option
 @train_data_option
 @_fail_cleanly
 def serve(store, host, port, device, threads, timeout, max_images, max_noise_draws, max_gradients, max_upload_bytes,
-          data_root, builtin_data, token_file, ckpt_dir, train_data) -> None:
+          data_root, builtin_data, max_prompt_chars, token_file, ckpt_dir, train_data) -> None:
     """Warm look-ups over HTTP (waitress): GET /health, POST /query with uploaded images (docs/cli.md)."""
     try:
         import flask  # noqa: F401
@@ -619,7 +700,7 @@ def serve(store, host, port, device, threads, timeout, max_images, max_noise_dra
 
     limits = _flags(ServeLimits, max_images=max_images, max_noise_draws=max_noise_draws, max_gradients=max_gradients,
                     max_upload_bytes=max_upload_bytes, timeout=timeout, threads=threads, data_root=data_root,
-                    builtin_data=builtin_data)
+                    builtin_data=builtin_data, max_prompt_chars=max_prompt_chars)
     token = read_token(token_file)
     _check_device(device)
     service = QueryService(store, device, ckpt_dir, train_data, limits)
@@ -672,7 +753,7 @@ def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, lim
     from projidx.search.attribution import store_checkpoints
     from projidx.store.feature_store import FeatureStore
 
-    queries = _data(data, "auto", None).subset(slice(0, limit))
+    queries = _data(data).subset(slice(0, limit))
     fs = FeatureStore.open(store)
     report = influence_report(fs, queries, top_k, Path(out), query_timesteps, noise_draws,
                               ckpts=store_checkpoints(fs, ckpt_dir))
@@ -743,7 +824,7 @@ MEMORIZATION = MemorizationConfig()
 @_fail_cleanly
 def evaluate_memorization(data, out, base, sources, copies, generate, steps, seed, quantile, top_k, epochs,
                           checkpoints, width, train_command, objective, timesteps, noise, proj_dim, cache,
-                          value_range, resize, image_column, label_column) -> None:
+                          data_flags) -> None:
     """Plant copies of a few training images, train, generate, and report how often each method ranks a copy of
     the image a generation reproduces first (and in the top k)."""
     from projidx.models.training import TrainConfig
@@ -755,7 +836,7 @@ def evaluate_memorization(data, out, base, sources, copies, generate, steps, see
     featurize_config = _flags(FeaturizeConfig, objective=objective, timesteps=timesteps, noise=noise,
                               proj_dim=proj_dim)
     train_config = TrainConfig(epochs=epochs, checkpoints=checkpoints, unet=UNetConfig(base=width))
-    images = _data(data, value_range, resize, image_column, label_column)
+    images = _data(data, data_flags)
     report = run(images, Path(out), config, train_config, featurize_config, train_command, cache)
     k = report["settings"]["top_k"]
     click.echo(f"{report['memorized']} of {report['generated']} generations reproduce a planted image"
@@ -794,7 +875,7 @@ LDS = LDSConfig()
 @data_options
 @_fail_cleanly
 def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, output_draws, workers, train_command,
-                 value_range, resize, image_column, label_column) -> None:
+                 data_flags) -> None:
     """Retrain on random subsets of a store's training rows and report how well each method's scores predict the
     change of the queries' loss (the linear datamodeling score)."""
     from projidx.reports.evaluation import evaluate_lds as run
@@ -803,7 +884,7 @@ def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, o
     config = _flags(LDSConfig, subsets=subsets, alpha=alpha, seed=seed, output_timesteps=output_timesteps,
                     output_draws=output_draws, workers=workers)
     opened = [FeatureStore.open(s) for s in stores]
-    images = _data(queries, value_range, resize, image_column, label_column)
+    images = _data(queries, data_flags)
     report = run(opened, images, Path(out), config, train_command)
     click.echo(f"LDS over {config.subsets} retrains of {report['n_train']} rows, {report['queries']} queries"
                f" (retraining {report['retrain_s']:.0f}s this run)")

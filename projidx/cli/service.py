@@ -8,10 +8,13 @@ Endpoints (every answer JSON, every failure one line: ``{"error": "..."}`` with 
   503 ``{"status": "stale", ...}`` once the store has changed under the service;
 - ``POST /query`` -> the JSON ``projidx query --out`` writes, for images sent as
   - a multipart form with one or more ``image`` files (and ``label`` values, one per image, for a
-    class-conditional model), the other fields as form values; or
-  - a JSON body ``{"images": [{"name": ..., "base64": ..., "label": ...}], ...}``; or, where the operator allows
-    it, ``{"data": DATA, ...}`` naming a regular file under ``ServeLimits.data_root`` (relative to it) or a
-    built-in data set (``ServeLimits.builtin_data``).
+    class-conditional model; ``prompt`` values, one for all images or one per image, for a text-to-image
+    pipeline), the other fields as form values; or
+  - a JSON body ``{"images": [{"name": ..., "base64": ..., "label": ..., "prompt": ...}], "prompt": ..., ...}``
+    (a top-level ``prompt`` for every image without its own); or, where the operator allows it,
+    ``{"data": DATA, "prompt": ..., ...}`` naming a regular file under ``ServeLimits.data_root`` (relative to it)
+    or a built-in data set (``ServeLimits.builtin_data``). A prompt has at most ``ServeLimits.max_prompt_chars``
+    characters.
 
   The other fields: ``method``, ``top_k`` (<= n), ``query_timesteps`` (<= T), ``noise_draws``, ``exact``,
   ``rerank``; defaults as for ``projidx query``.
@@ -47,7 +50,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projidx.data.datasets import BUILTIN, GRAY_MODES, IMAGE_SUFFIXES, ImageSet, concat, from_arrays, load_dataset
+from projidx.data.datasets import (
+    BUILTIN,
+    GRAY_MODES,
+    IMAGE_SUFFIXES,
+    ImageSet,
+    concat,
+    from_arrays,
+    load_dataset,
+    with_prompt,
+)
 from projidx.errors import ProjidxError, one_line
 from projidx.features.featurization import featurize_queries, load_state_dicts, query_defaults
 from projidx.search.attribution import Attribution, has_file_names, search_report, store_checkpoints, store_dataset
@@ -231,10 +243,12 @@ def read_under(root: Path, spec: str, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def image_from_bytes(payload: bytes, name: str, shape: tuple[int, int, int], label: int | None = None) -> ImageSet:
+def image_from_bytes(payload: bytes, name: str, shape: tuple[int, int, int], label: int | None = None,
+                     prompt: str | None = None) -> ImageSet:
     """One image file's bytes (PNG, JPEG, ...) as an ImageSet of one image named ``name``, with its class ``label``
-    (for a class-conditional model) when given. ``shape`` (C, H, W): the store's images; the file's header is
-    checked against H x W before any pixel is decoded (a small file can declare a huge image)."""
+    (for a class-conditional model) and its ``prompt`` (for a text-to-image pipeline) when given. ``shape`` (C, H,
+    W): the store's images; the file's header is checked against H x W before any pixel is decoded (a small file
+    can declare a huge image)."""
     from PIL import Image
 
     _, h, w = shape
@@ -257,7 +271,8 @@ def image_from_bytes(payload: bytes, name: str, shape: tuple[int, int, int], lab
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     data = from_arrays(array[None], None, name=name)
     labels = torch.tensor([label], dtype=torch.int64) if label is not None else None
-    return ImageSet(name, data.images, data.ids, names=(name,), labels=labels)
+    return ImageSet(name, data.images, data.ids, names=(name,), labels=labels,
+                    captions=(prompt,) if prompt is not None else None)
 
 
 def request_images(service: QueryService, request) -> tuple[ImageSet, dict]:
@@ -268,38 +283,61 @@ def request_images(service: QueryService, request) -> tuple[ImageSet, dict]:
         fields = request.form.to_dict()
         uploads = request.files.getlist("image")
         labels = request.form.getlist("label")
+        prompts = [_prompt(service, p) for p in request.form.getlist("prompt")]
+        fields.pop("prompt", None)
         _check_fields(set(fields) | set(request.files), {*QUERY_FIELDS, "image", "label"})
         _check_range("images per request", len(uploads), 1, limits.max_images)
         if labels and len(labels) != len(uploads):
             raise ProjidxError(f"label: give one per image ({len(uploads)}), got {len(labels)}")
+        if len(prompts) not in (0, 1, len(uploads)):
+            raise ProjidxError(f"prompt: give one for all images or one per image ({len(uploads)}), got"
+                               f" {len(prompts)}")
         sets = [image_from_bytes(u.read(limits.max_upload_bytes), u.filename or f"upload-{i}", shape,
-                                 _integer("label", labels[i]) if labels else None) for i, u in enumerate(uploads)]
+                                 _integer("label", labels[i]) if labels else None,
+                                 prompts[i if len(prompts) > 1 else 0] if prompts else None)
+                for i, u in enumerate(uploads)]
         return _numbered(sets), fields
     fields = request.get_json(silent=True)
     if not isinstance(fields, dict) or ("images" in fields) == ("data" in fields):
         raise ProjidxError('send a multipart form with "image" files, or JSON {"images": [{"name", "base64",'
                            ' "label"}], ...}')
-    _check_fields(set(fields), {*QUERY_FIELDS, "images", "data"})
+    _check_fields(set(fields), {*QUERY_FIELDS, "images", "data", "prompt"})
+    prompt = _prompt(service, fields.pop("prompt", None))
     if "data" in fields:
         if not isinstance(fields["data"], str):
             raise ProjidxError("data must be a string")
         images = service.data(fields["data"])
         _check_range("images per request", len(images), 1, limits.max_images)
-        return images, fields
+        return with_prompt(images, prompt), fields
     entries = fields["images"]
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ProjidxError('images must be a list of {"name", "base64", "label"} objects')
+        raise ProjidxError('images must be a list of {"name", "base64", "label", "prompt"} objects')
     _check_range("images per request", len(entries), 1, limits.max_images)
     sets = []
     for i, entry in enumerate(entries):
-        _check_fields(set(entry), {"name", "base64", "label"})
+        _check_fields(set(entry), {"name", "base64", "label", "prompt"})
         name = str(entry.get("name") or f"upload-{i}")
         try:
             payload = base64.b64decode(entry.get("base64") or "", validate=True)
         except (binascii.Error, ValueError, TypeError) as e:
             raise ProjidxError(f"image {name!r}: base64 must be the image file's bytes in base64") from e
-        sets.append(image_from_bytes(payload, name, shape, _integer("label", entry.get("label"))))
+        own = _prompt(service, entry.get("prompt"))
+        sets.append(image_from_bytes(payload, name, shape, _integer("label", entry.get("label")),
+                                     own if own is not None else prompt))
     return _numbered(sets), fields
+
+
+def _prompt(service: QueryService, value) -> str | None:
+    """A request's prompt: text of at most ``max_prompt_chars`` characters, for a store whose model has a text
+    encoder; None when absent."""
+    if value is None:
+        return None
+    limit = service.limits.max_prompt_chars
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProjidxError(f"prompt must be text of at most {limit} characters")
+    if "text_encoder" not in service.store.meta.encoders:
+        raise ProjidxError("prompt: this store's model has no text encoder")
+    return value
 
 
 def _numbered(sets: list[ImageSet]) -> ImageSet:

@@ -10,9 +10,16 @@ and, for files, the file names (shown in results and pictures). A DATA spec is o
   sub-folders of images is read per class (``labels`` = the sub-folder's index in sorted order);
 - one image file;
 - an ``.npy`` array, or an ``.npz`` with ``images`` and optionally ``ids`` (N,) unique integers, ``labels`` (N,)
-  class labels and ``embeddings`` (N, L, D) conditioning embeddings (for a text-conditional model);
+  class labels, ``embeddings`` (N, L, D) conditioning embeddings (for a text-conditional model) and ``captions``
+  (N,) strings;
   arrays (N, H, W), (N, C, H, W) or channels-last (N, H, W, C), C in {1, 3};
 - a Hugging Face dataset: a ``save_to_disk`` folder or a ``.parquet`` file (``image_column``, ``label_column``).
+
+Captions (the text of each image, for a text-to-image pipeline's text encoder) come from an image folder's
+``metadata.jsonl`` or ``metadata.csv`` (Hugging Face's ``imagefolder`` convention: ``file_name`` and the caption
+column, ``text`` by default) or a ``.txt`` file beside each image (``a.png`` -> ``a.txt``), from a Hugging Face
+dataset's caption column (``DataOptions.caption_column``; ``text`` where present) or from an ``.npz`` ``captions``
+array of strings.
 
 Values (:class:`DataOptions`): uint8 is read as [0, 255]; float must be in [-1, 1], or be declared with
 ``value_range`` ("0,1", "0,255"): float data that looks like [0, 1] or [0, 255] is refused with a message naming the
@@ -22,7 +29,9 @@ different sizes are refused without it.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +51,10 @@ BUILTIN = ("digits", "digits:train", "digits:test", "photos", "photos:train", "p
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # conditioning input of a model (diffusion.model_conditioning) -> the ImageSet field that holds it
 CONDITIONING_FIELDS = {"class_labels": "labels", "encoder_hidden_states": "embeddings"}
+TEXT_INPUT = "encoder_hidden_states"  # the model input a text encoder makes of captions
+CAPTION_HINT = ("captions: a metadata.jsonl or metadata.csv beside the images (file_name, text), a .txt file per"
+                " image, a Hugging Face caption column (--caption-column), an .npz 'captions' array, or --prompt")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CONDITIONING_HINTS = {
     "labels": "class labels: an .npz 'labels' array, one sub-folder per class, or --label-column",
     "embeddings": "precomputed embeddings: an .npz 'embeddings' array (N, L, D), e.g. a text encoder's output",
@@ -52,7 +65,8 @@ CONDITIONING_HINTS = {
 class ImageSet:
     """images: (N, C, H, W) float32 in [-1, 1]; ids: (N,) int64, unique; names: N display names (file names) or
     None; labels: (N,) int64 class labels or None; embeddings: (N, L, D) float32 per-sample conditioning
-    embeddings (a text-conditional model's encoder states) or None."""
+    embeddings (a text-conditional model's encoder states) or None; captions: N texts (None for an image without
+    one) or None."""
 
     name: str
     images: torch.Tensor
@@ -61,6 +75,7 @@ class ImageSet:
     labels: torch.Tensor | None = field(default=None, compare=False)
     options: DataOptions = field(default=DataOptions(), compare=False)  # how it was read (to read it again)
     embeddings: torch.Tensor | None = field(default=None, compare=False)
+    captions: tuple[str | None, ...] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -71,8 +86,9 @@ class ImageSet:
 
     def fingerprint(self, conditioning: tuple[str, ...] = ()) -> str:
         """sha256 over the images' bytes and the ids, and the conditioning inputs named (they change every
-        gradient): two datasets share it only if they are equal."""
-        return fingerprint(self.image_shape, [self.images], self.ids, self.conditioning({c: {} for c in conditioning}))
+        gradient; encoder states made from captions: the captions): two datasets share it only if they are
+        equal."""
+        return fingerprint(self.image_shape, [self.images], self.ids, *fingerprint_inputs(self, conditioning))
 
     def conditioning(self, needs: dict[str, dict]) -> dict[str, torch.Tensor]:
         """{model input: (N, ...) tensor} for the conditioning a model ``needs``: see :func:`check_conditioning`."""
@@ -80,11 +96,14 @@ class ImageSet:
 
     def subset(self, rows: slice | np.ndarray) -> ImageSet:
         """The rows ``rows`` (a slice, or an array of row numbers) with everything that goes with them."""
-        names = None
-        if self.names is not None:
-            names = self.names[rows] if isinstance(rows, slice) else tuple(self.names[int(r)] for r in rows)
+        def pick(values: tuple | None) -> tuple | None:
+            if values is None:
+                return None
+            return values[rows] if isinstance(rows, slice) else tuple(values[int(r)] for r in rows)
+
+        names, captions = pick(self.names), pick(self.captions)
         rows = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.int64)
-        return replace(self, images=self.images[rows], ids=self.ids[rows], names=names,
+        return replace(self, images=self.images[rows], ids=self.ids[rows], names=names, captions=captions,
                        labels=self.labels[rows] if self.labels is not None else None,
                        embeddings=self.embeddings[rows] if self.embeddings is not None else None)
 
@@ -94,9 +113,10 @@ class ImageSet:
 
 
 def fingerprint(image_shape: tuple[int, ...], image_chunks: Iterable[torch.Tensor], ids: torch.Tensor,
-                conditioning: dict[str, torch.Tensor]) -> str:
-    """sha256 over the image shape, the float32 images' bytes (given in row order, in chunks of any size), the ids
-    and the conditioning tensors: the same digest whether the images are in memory or streamed."""
+                conditioning: dict[str, torch.Tensor], captions: tuple[str | None, ...] | None = None) -> str:
+    """sha256 over the image shape, the float32 images' bytes (given in row order, in chunks of any size), the ids,
+    the conditioning tensors and the captions where given: the same digest whether the images are in memory or
+    streamed."""
     h = hashlib.sha256()
     h.update(str(tuple(image_shape)).encode())
     for chunk in image_chunks:
@@ -105,7 +125,38 @@ def fingerprint(image_shape: tuple[int, ...], image_chunks: Iterable[torch.Tenso
     for name, value in sorted(conditioning.items()):
         h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
         h.update(value.contiguous().numpy().tobytes())
+    if captions is not None:
+        h.update(b"captions:" + json.dumps(list(captions)).encode())
     return h.hexdigest()
+
+
+def fingerprint_inputs(data: Dataset, conditioning: tuple[str, ...]
+                       ) -> tuple[dict[str, torch.Tensor], tuple[str | None, ...] | None]:
+    """(conditioning tensors, captions) a dataset's fingerprint covers for the model inputs ``conditioning``: the
+    data's tensors, except that encoder states a text encoder makes of the data's captions (no precomputed
+    embeddings) are covered by the captions."""
+    text = TEXT_INPUT in conditioning and data.embeddings is None and data.captions is not None
+    tensors = data.conditioning({c: {} for c in conditioning if not (text and c == TEXT_INPUT)})
+    return tensors, data.captions if text else None
+
+
+def with_prompt(data: ImageSet, prompt: str | None) -> ImageSet:
+    """``data`` with ``prompt`` as the caption of every image (a query's prompt; None: ``data`` unchanged)."""
+    return data if prompt is None else replace(data, captions=(prompt,) * len(data))
+
+
+def require_captions(data: Dataset) -> tuple[str, ...]:
+    """Every image's caption; ProjidxError naming the data, or the first image without one."""
+    if data.captions is None:
+        raise ProjidxError(f"data {data.name}: the pipeline encodes captions with its text encoder; give the data"
+                           f" {CAPTION_HINT}")
+    missing = [r for r, c in enumerate(data.captions) if c is None]
+    if missing:
+        r = missing[0]
+        which = data.names[r] if data.names is not None else f"id {int(data.ids[r])}"
+        raise ProjidxError(f"data {data.name}: no caption for image {which} ({len(missing)} of {len(data)} images"
+                           f" have none); give every image {CAPTION_HINT}")
+    return data.captions  # type: ignore[return-value]
 
 
 def display_names(data_ids: torch.Tensor, names: tuple[str, ...] | None, ids: np.ndarray) -> list[list[str]]:
@@ -153,8 +204,10 @@ class StreamedImages:
 
     def __init__(self, name: str, ids: torch.Tensor, read: Callable[[np.ndarray], torch.Tensor],
                  names: tuple[str, ...] | None = None, labels: torch.Tensor | None = None,
-                 options: DataOptions = DataOptions(), embeddings: torch.Tensor | None = None) -> None:
+                 options: DataOptions = DataOptions(), embeddings: torch.Tensor | None = None,
+                 captions: tuple[str | None, ...] | None = None) -> None:
         self.name, self.ids, self.names, self.labels, self.embeddings = name, ids, names, labels, embeddings
+        self.captions = captions
         self.options = options
         self._read = read
         self.image_shape: tuple[int, int, int] = tuple(int(v) for v in read(np.arange(1)).shape[1:])  # type: ignore
@@ -167,7 +220,7 @@ class StreamedImages:
         """The rows ``rows`` (a slice, or an array of row numbers), read into memory as an :class:`ImageSet`."""
         index = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         header = ImageSet(self.name, torch.empty(len(self), 0), self.ids, self.names, self.labels, self.options,
-                          self.embeddings).subset(index)
+                          self.embeddings, self.captions).subset(index)
         return replace(header, images=self._read(index))
 
     def chunks(self, rows: int | None = None) -> Iterator[torch.Tensor]:
@@ -180,7 +233,7 @@ class StreamedImages:
         """As :meth:`ImageSet.fingerprint`, read chunk by chunk (and remembered)."""
         if conditioning not in self._fingerprints:
             self._fingerprints[conditioning] = fingerprint(self.image_shape, self.chunks(), self.ids,
-                                                           self.conditioning({c: {} for c in conditioning}))
+                                                           *fingerprint_inputs(self, conditioning))
         return self._fingerprints[conditioning]
 
     def conditioning(self, needs: dict[str, dict]) -> dict[str, torch.Tensor]:
@@ -194,15 +247,18 @@ Dataset = ImageSet | StreamedImages  # what featurization reads: rows by subset(
 
 
 def concat(name: str, sets: list[ImageSet]) -> ImageSet:
-    """One ImageSet of ``sets`` one after the other (ids may repeat: for queries); labels, embeddings and names
-    kept where every set has them."""
+    """One ImageSet of ``sets`` one after the other (ids may repeat: for queries); labels, embeddings, names and
+    captions kept where every set has them."""
     def joined(attr: str) -> torch.Tensor | None:
         values = [getattr(s, attr) for s in sets]
         return torch.cat(values) if all(v is not None for v in values) else None
 
-    names = tuple(n for s in sets for n in s.names) if all(s.names is not None for s in sets) else None
-    return ImageSet(name, torch.cat([s.images for s in sets]), torch.cat([s.ids for s in sets]), names,
-                    joined("labels"), sets[0].options, joined("embeddings"))
+    def chained(attr: str) -> tuple | None:
+        values = [getattr(s, attr) for s in sets]
+        return tuple(v for part in values for v in part) if all(v is not None for v in values) else None
+
+    return ImageSet(name, torch.cat([s.images for s in sets]), torch.cat([s.ids for s in sets]), chained("names"),
+                    joined("labels"), sets[0].options, joined("embeddings"), chained("captions"))
 
 
 def load_dataset(spec: str, options: DataOptions = DataOptions(), stream: bool = False) -> Dataset:
@@ -279,11 +335,54 @@ def _read_pixels(path: Path) -> np.ndarray:
         raise ProjidxError(f"data {path}: not a readable image ({one_line(e)})") from e
 
 
+def metadata_captions(root: Path, column: str | None) -> dict[str, str | None] | None:
+    """{file name: caption} from ``root``'s ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` and ``column``,
+    default ``text``), or None where there is no such file or (column not named) no ``text`` in it."""
+    found = [root / m for m in METADATA_FILES if (root / m).is_file()]
+    if not found:
+        return None
+    path = found[0]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                records = list(csv.DictReader(f))
+            else:
+                records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError, csv.Error) as e:
+        raise ProjidxError(f"data {path}: not readable ({one_line(e)})") from e
+    if not all(isinstance(r, dict) and isinstance(r.get("file_name"), str) for r in records):
+        raise ProjidxError(f"data {path}: every record needs a file_name (the imagefolder convention)")
+    key = column or "text"
+    if not any(key in r for r in records):
+        if column is None:
+            return None
+        raise ProjidxError(f"data {path}: no caption column {column!r} (--caption-column)")
+    bad = next((r["file_name"] for r in records if r.get(key) is not None and not isinstance(r[key], str)), None)
+    if bad is not None:
+        raise ProjidxError(f"data {path}: the caption of {bad} is not text")
+    return {Path(r["file_name"]).as_posix(): r.get(key) for r in records}
+
+
+def folder_captions(root: Path, files: list[str], column: str | None) -> tuple[str | None, ...] | None:
+    """The caption of each of ``files`` (relative to ``root``): its metadata entry (:func:`metadata_captions`),
+    else the text of the ``.txt`` file beside it, else None; None where the folder has neither."""
+    table = metadata_captions(root, column)
+    out = []
+    for f in files:
+        text = table.get(f) if table is not None else None
+        side = (root / f).with_suffix(".txt")
+        if text is None and side.is_file():
+            text = side.read_text(encoding="utf-8").strip()
+        out.append(text)
+    return tuple(out) if table is not None or any(t is not None for t in out) else None
+
+
 def from_image_files(root: Path, files: list[str], labels: list[int] | None, options: DataOptions,
                      name: str) -> ImageSet:
-    """Read image files (Pillow) as uint8 arrays: grayscale stays one channel unless some image has colour."""
+    """Read image files (Pillow) as uint8 arrays: grayscale stays one channel unless some image has colour;
+    captions from the folder (:func:`folder_captions`)."""
     data = from_pixel_arrays([_read_pixels(root / f) for f in files], options, name)
-    return replace(data, names=tuple(files),
+    return replace(data, names=tuple(files), captions=folder_captions(root, files, options.caption_column),
                    labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None)
 
 
@@ -307,7 +406,8 @@ def stream_image_files(root: Path, files: list[str], labels: list[int] | None, o
         return from_pixel_arrays(arrays, options, name, color=not gray, mixed=len(sizes) > 1).images
 
     return StreamedImages(name, torch.arange(len(files), dtype=torch.int64), read, tuple(files),
-                          torch.tensor(labels, dtype=torch.int64) if labels is not None else None, options)
+                          torch.tensor(labels, dtype=torch.int64) if labels is not None else None, options,
+                          captions=folder_captions(root, files, options.caption_column))
 
 
 GRAY_MODES = ("1", "L", "I;16", "I", "F")  # PIL modes read as one channel
@@ -377,8 +477,12 @@ def from_hf(path: Path, options: DataOptions, stream: bool = False) -> Dataset:
     if label is not None and label not in columns:
         raise ProjidxError(f"data {path}: no column {label!r} (columns: {', '.join(columns)})")
     labels = torch.tensor(np.asarray(ds[label]), dtype=torch.int64) if label is not None else None
+    caption = options.caption_column or ("text" if "text" in columns else None)
+    if caption is not None and caption not in columns:
+        raise ProjidxError(f"data {path}: no caption column {caption!r} (columns: {', '.join(columns)})")
+    captions = tuple(None if v is None else str(v) for v in ds[caption]) if caption is not None else None
     if stream and isinstance(ds.features[options.image_column], datasets.Image):
-        return _stream_hf(ds, options, str(path.resolve()), labels)
+        return _stream_hf(ds, options, str(path.resolve()), labels, captions)
     arrays = []
     for value in ds[options.image_column]:
         if hasattr(value, "convert"):  # a PIL image (the datasets Image feature)
@@ -390,10 +494,11 @@ def from_hf(path: Path, options: DataOptions, stream: bool = False) -> Dataset:
         data = from_pixel_arrays(arrays, options, name)
     else:
         data = from_arrays(np.stack(arrays), None, name=name, options=options)
-    return replace(data, labels=labels)
+    return replace(data, labels=labels, captions=captions)
 
 
-def _stream_hf(ds, options: DataOptions, name: str, labels: torch.Tensor | None) -> StreamedImages:
+def _stream_hf(ds, options: DataOptions, name: str, labels: torch.Tensor | None,
+               captions: tuple[str | None, ...] | None) -> StreamedImages:
     """A datasets Image column read as :func:`stream_image_files` reads files: headers first, pixels per row."""
     import io
 
@@ -413,7 +518,8 @@ def _stream_hf(ds, options: DataOptions, name: str, labels: torch.Tensor | None)
         arrays = [_pixels(img) for img in ds.select(rows.tolist())[options.image_column]]
         return from_pixel_arrays(arrays, options, name, color=not gray, mixed=len(sizes) > 1).images
 
-    return StreamedImages(name, torch.arange(len(ds), dtype=torch.int64), read, labels=labels, options=options)
+    return StreamedImages(name, torch.arange(len(ds), dtype=torch.int64), read, labels=labels, options=options,
+                          captions=captions)
 
 
 def _digits(spec: str) -> ImageSet:
@@ -459,6 +565,7 @@ def from_npz(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
             ids = f["ids"] if "ids" in f.files else None
             labels = f["labels"] if "labels" in f.files else None
             embeddings = f["embeddings"] if "embeddings" in f.files else None
+            captions = f["captions"] if "captions" in f.files else None
     except ProjidxError:
         raise
     except Exception as e:  # zip/format errors from numpy
@@ -475,6 +582,11 @@ def from_npz(path: Path, options: DataOptions = DataOptions()) -> ImageSet:
             raise ProjidxError(f"data {path}: 'embeddings' must be finite floats shaped ({len(data)}, L, D), got"
                                f" {embeddings.dtype} {embeddings.shape}")
         data = replace(data, embeddings=torch.from_numpy(embeddings.astype(np.float32)))
+    if captions is not None:
+        if captions.shape != (len(data),) or captions.dtype.kind != "U":
+            raise ProjidxError(f"data {path}: 'captions' must be {len(data)} strings, got {captions.dtype}"
+                               f" {captions.shape}")
+        data = replace(data, captions=tuple(str(c) for c in captions))
     return data
 
 

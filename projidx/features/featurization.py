@@ -28,6 +28,7 @@ from tqdm import tqdm
 from projidx.data.datasets import Dataset, ImageSet
 from projidx.errors import ProjidxError, one_line
 from projidx.features.dist import World, process_group
+from projidx.features.encoding import EncodedRows, LatentCache, encoders_record, model_rows, shape_hint
 from projidx.features.factorized import FactorizedGradients, factorizable_modules
 from projidx.features.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
 from projidx.features.projection import Projector, ProjectorSpec, make_projector
@@ -126,6 +127,7 @@ def gradient_computer(
 
 
 def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
+    """What a store of ``data`` at ``ckpts`` under ``config`` records (``data``: the images as given, in pixels)."""
     grid = timestep_grid(config.timesteps, ckpts.schedule.T, config.grid) if config.train_timesteps == "grid" else []
     conditioning = model_conditioning(ckpts.model)
     return StoreMeta(
@@ -147,6 +149,7 @@ def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config
         noise=config.noise,
         prediction=ckpts.prediction,
         conditioning=conditioning,
+        encoders=encoders_record(ckpts, config.latents),
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
         checkpoint_folders=[str(f) for f in ckpts.folders],
         dataset_options=data.options.to_dict(),
@@ -209,8 +212,11 @@ def _featurize(
 ) -> FeatureStore:
     """:func:`featurize` on this rank of ``world``."""
     if data.image_shape != tuple(ckpts.image_shape):
-        raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}")
-    data.conditioning(model_conditioning(ckpts.model))  # the model's inputs besides the image are in the data
+        raise ProjidxError(f"data images are {data.image_shape}, the model was trained on {tuple(ckpts.image_shape)}"
+                           + shape_hint(ckpts))
+    # the model's inputs besides the image are in the data (every caption, for a text encoder)
+    rows = model_rows(ckpts, data, model_conditioning(ckpts.model), config.latents, config.noise_seed, config.device,
+                      config.batch_size)
     # every checkpoint is loaded and validated before anything is written
     blobs = [check_blob(c.load(), c.id, ckpts.schedule.T) for c in ckpts.checkpoints]
     if config.train_timesteps == "auto":
@@ -236,6 +242,9 @@ def _featurize(
         raise ProjidxError(f"checkpoint {ckpts.checkpoints[0].id} does not fit the model: {one_line(e)}") from e
     check_memory(spec, config, meta.gradients_per_sample, world.local_size)
     location = Location.parse(store_path)
+    if isinstance(rows, EncodedRows) and "vae" in meta.encoders:
+        rows.cache = LatentCache.beside(location, meta.encoders["vae"], meta.dataset_fingerprint, config.latents,
+                                        config.noise_seed)
     with ExitStack() as held:  # rank 0 holds the writer lock until every rank has finished
 
         def create() -> FeatureStore:
@@ -245,7 +254,7 @@ def _featurize(
         store = world.on_main(create)
         if store is None:
             store = _open_as_peer(location, meta, world)
-        _featurize_share(world, store, ckpts, data, config, meta, spec, blobs, replays, computer,
+        _featurize_share(world, store, ckpts, rows, config, meta, spec, blobs, replays, computer,
                          progress and world.rank == 0, on_chunk)
         world.barrier()
     return store
@@ -279,6 +288,8 @@ def recorded_settings(meta: StoreMeta) -> dict:
            meta.projector.seed, "dtype": meta.projector.dtype, "sparsity": meta.projector.sparsity,
            "noise": meta.noise, "noise_seed": meta.noise_seed, "train_timesteps": meta.train_timesteps,
            "chunk_rows": meta.chunk_rows, "objective": meta.objective, "train_draws": meta.train_draws}
+    if "latents" in meta.encoders:
+        out["latents"] = meta.encoders["latents"]
     if meta.train_timesteps == "grid":
         out["timesteps"] = len(meta.timesteps)
         kinds = [g for g in GRIDS if timestep_grid(len(meta.timesteps), meta.schedule.T, g) == meta.timesteps]
@@ -308,7 +319,7 @@ def _featurize_share(
     world: World,
     store: FeatureStore,
     ckpts: CheckpointSet,
-    data: Dataset,
+    data: Dataset | EncodedRows,
     config: FeaturizeConfig,
     meta: StoreMeta,
     spec: ProjectorSpec,
@@ -490,11 +501,15 @@ def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: in
 
 
 def check_checkpoints(store: FeatureStore, ckpts: CheckpointSet, given: str = "the checkpoints given") -> None:
-    """ProjidxError unless ``ckpts`` are the ones ``store`` was built from: the same model fingerprint and the same
-    checkpoint ids, file hashes and weights (wherever the files now are)."""
+    """ProjidxError unless ``ckpts`` are the ones ``store`` was built from: the same model fingerprint, the same
+    checkpoint ids, file hashes and weights (wherever the files now are), and the same VAE and text encoder."""
     if model_fingerprint(ckpts.model) != store.meta.model_fingerprint or ckpts.describe() != store.meta.checkpoints:
         raise ProjidxError(f"{given} are not the ones store {store.path} was built from (another model or other"
                            " checkpoint files)")
+    frozen = ckpts.frozen.describe() if ckpts.frozen is not None else {}
+    if frozen != {k: v for k, v in store.meta.encoders.items() if k != "latents"}:
+        raise ProjidxError(f"{given} are not the ones store {store.path} was built from (another VAE, tokenizer or"
+                           " text encoder)")
 
 
 def load_state_dicts(ckpts: CheckpointSet) -> list[dict]:
@@ -521,13 +536,16 @@ def featurize_queries(
     if queries.image_shape != tuple(meta.image_shape):
         raise ProjidxError(
             f"query images are {queries.image_shape}, the store was built from images of {tuple(meta.image_shape)}"
+            + shape_hint(ckpts)
         )
     check_checkpoints(store, ckpts)
     grid, draws = query_defaults(meta, query_timesteps, noise_draws)
     # loss and schedule come from the store, never from the CheckpointSet handed in
     computer = gradient_computer(ckpts.model, meta.schedule, meta.loss, meta.projector, device, meta.objective,
                                  meta.prediction)
-    queries.conditioning(meta.conditioning)  # the model's inputs besides the image are in the queries
+    # the model's inputs besides the image are in the queries; latents as the store's training side made them
+    encoded = model_rows(ckpts, queries, meta.conditioning, meta.encoders.get("latents", "mean"), meta.noise_seed,
+                         device, batch_size)
     projector = make_projector(meta.projector, device)
     noise = NoiseDraws(meta.noise, meta.noise_seed, QUERY_NOISE, draws)
     times = torch.tensor(grid).expand(len(queries), -1)
@@ -537,13 +555,17 @@ def featurize_queries(
     bar = tqdm(total=len(ckpts.checkpoints) * len(queries), desc="query features", unit="gradient set",
                disable=not progress)
     weights = state_dicts if state_dicts is not None else load_state_dicts(ckpts)
+    blocks = [slice(a, min(a + per_block, len(queries))) for a in range(0, len(queries), per_block)]
+    # a pipeline's encoders run once, not per checkpoint (its encoded queries are held); other rows are read per
+    # block (a streamed training set as queries stays on disk)
+    held = [encoded.subset(rows) for rows in blocks] if isinstance(encoded, EncodedRows) else None
     for c, ckpt in enumerate(ckpts.checkpoints):
         computer.load_state_dict(weights[c])
         parts = []
-        for block in range(0, len(queries), per_block):
-            rows = slice(block, min(block + per_block, len(queries)))
-            parts.append(_featurize_rows(computer, projector, queries.subset(rows), times[rows], c, ckpt.id,
-                                         batch_size, noise, meta.conditioning))
+        for i, rows in enumerate(blocks):
+            block = held[i] if held is not None else encoded.subset(rows)
+            parts.append(_featurize_rows(computer, projector, block, times[rows], c, ckpt.id, batch_size, noise,
+                                         meta.conditioning))
             bar.update(rows.stop - rows.start)
         out.features.append(np.concatenate([p.features for p in parts]))
         out.norms.append(np.concatenate([p.norms for p in parts]))

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from projidx.errors import ProjidxError, one_line
-from projidx.files import atomic_path, file_sha256, write_text_atomic
+from projidx.files import atomic_path, file_sha256, read_json_object, write_text_atomic
 from projidx.models.diffusion import LOSSES, PREDICTIONS, NoiseSchedule
+from projidx.models.pipeline import COMPONENTS, FrozenParts, folder_digest, load_frozen_parts
 from projidx.models.unet import SmallUNet, UNetConfig
 
 MANIFEST = "manifest.json"
@@ -98,8 +99,9 @@ class Checkpoint:
 class CheckpointSet:
     """A model architecture and the checkpoints theta_1..theta_C of one training run.
 
-    Library users with their own ``nn.Module`` (``eps = model(x_t, t)``) build this directly; files
-    written by :func:`save_checkpoint` hold the weights.
+    ``image_shape`` is the shape of the training images (C, H, W); for a pipeline with a VAE (``frozen``) the
+    UNet sees their latents (:mod:`projidx.models.pipeline`). Library users with their own ``nn.Module``
+    (``eps = model(x_t, t)``) build this directly; files written by :func:`save_checkpoint` hold the weights.
     """
 
     model: nn.Module
@@ -111,6 +113,7 @@ class CheckpointSet:
     dataset: dict = field(default_factory=dict)
     prediction: str = "epsilon"  # settings.PREDICTIONS: what the model outputs
     folders: tuple[Path, ...] = ()  # diffusers folders, one per checkpoint (load_diffusers_folders)
+    frozen: FrozenParts | None = None  # a latent / text-to-image pipeline's VAE and text encoder (not attributed)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -215,16 +218,6 @@ def is_diffusers_folder(path: Path) -> bool:
         or (path / "config.json").is_file()
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ProjidxError(f"{what}: cannot read {path} ({one_line(e)})") from e
-    if not isinstance(value, dict):
-        raise ProjidxError(f"{what}: {path} must hold a JSON object")
-    return value
-
-
 def diffusers_parts(folder: Path) -> tuple[Path, Path]:
     """(the UNet folder, the scheduler config file) of a diffusers folder: a pipeline folder written by
     ``save_pretrained`` (``unet/``, ``scheduler/scheduler_config.json``), or a UNet folder with
@@ -269,8 +262,8 @@ def load_diffusers_folders(folders: list[str | Path], weights: list[float] | Non
         if not path.is_dir():
             raise ProjidxError(f"checkpoints {path}: no such folder")
         unet, scheduler = diffusers_parts(path)
-        configs.append(_read_json(unet / "config.json", f"checkpoints {path}"))
-        schedulers.append(_read_json(scheduler, f"checkpoints {path}"))
+        configs.append(read_json_object(unet / "config.json", f"checkpoints {path}"))
+        schedulers.append(read_json_object(scheduler, f"checkpoints {path}"))
         found = [unet / name for name in DIFFUSERS_WEIGHTS if (unet / name).is_file()]
         if not found:
             raise ProjidxError(f"checkpoints {path}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)}) in {unet}")
@@ -298,11 +291,37 @@ def load_diffusers_folders(folders: list[str | Path], weights: list[float] | Non
     ids = names if len(set(names)) == len(names) else [f"ckpt-{i:03d}" for i in range(len(paths))]
     size = configs[0].get("sample_size")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (int(configs[0].get("in_channels", 3)), int(h), int(w))
+    width = model.conditioning.get("encoder_hidden_states", {}).get("dim")
+    frozen = pipeline_parts(paths, configs[0], schedulers[0], width)
     ckpts = [Checkpoint(cid, f, float(weights[i]) if weights is not None else 1.0, file_sha256(f), "unet.")
              for i, (cid, f) in enumerate(zip(ids, files, strict=True))]
     return CheckpointSet(model=model, checkpoints=ckpts, loss=loss, schedule=schedule,
-                         image_shape=(int(configs[0].get("in_channels", 3)), int(h), int(w)), prediction=prediction,
-                         folders=tuple(p.resolve() for p in paths))
+                         image_shape=frozen.pixel_shape(shape) if frozen and frozen.vae else shape,
+                         prediction=prediction, folders=tuple(p.resolve() for p in paths), frozen=frozen)
+
+
+def pipeline_parts(paths: list[Path], unet_config: dict, scheduler_config: dict,
+                   cross_attention_dim: int | None) -> FrozenParts | None:
+    """The frozen parts (VAE, tokenizer, text encoder) of pipeline folders (``unet/`` beside them), loaded from the
+    first and required to be the same files in every other (they are not attributed: one per run); None where
+    the folders hold none."""
+    roots = [p for p in paths if (p / "unet" / "config.json").is_file()]
+    present = [c for c in COMPONENTS if roots and (roots[0] / c).is_dir()]
+    if not present:
+        return None
+    if len(roots) != len(paths):
+        raise ProjidxError(f"checkpoints {roots[0]}: pipeline folders with {', '.join(present)} and UNet folders"
+                           " mixed in one run")
+    parts = load_frozen_parts(roots[0], unet_config, cross_attention_dim)
+    for path in paths[1:]:
+        theirs = {c: folder_digest(path / c) for c in COMPONENTS if (path / c).is_dir()}
+        differ = sorted(set(theirs.items()) ^ set(parts.hashes.items()))
+        if differ:
+            raise ProjidxError(f"checkpoints {path}: its {differ[0][0]}/ differs from {paths[0]}'s (the VAE and the"
+                               " text encoder are not attributed: every checkpoint of a run shares them)")
+    parts.scheduler_config = scheduler_config
+    return parts
 
 
 def load_checkpoints(locations: list[str | Path], weights: list[float] | None = None) -> CheckpointSet:

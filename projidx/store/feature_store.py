@@ -78,6 +78,8 @@ class StoreMeta:
     noise: str = "per-sample"  # diffusion.NOISE_POLICIES; stores written before the policy existed are per-sample
     prediction: str = "epsilon"  # settings.PREDICTIONS: what the network outputs, hence the loss's target
     conditioning: dict = field(default_factory=dict)  # {model input: requirements} (diffusion.model_conditioning)
+    # a pipeline's frozen parts: {component: folder digest} (models.pipeline) and "latents" (settings.LATENTS)
+    encoders: dict = field(default_factory=dict)
     checkpoint_dir: str | None = field(default=None, compare=False)  # a projidx checkpoint directory, or
     checkpoint_folders: list[str] = field(default_factory=list, compare=False)  # diffusers folders, in order
     dataset_options: dict = field(default_factory=dict, compare=False)  # data.DataOptions the data was read with
@@ -119,6 +121,7 @@ class StoreMeta:
             "noise": self.noise,
             "prediction": self.prediction,
             "conditioning": self.conditioning,
+            "encoders": self.encoders,
             "checkpoint_dir": self.checkpoint_dir,
             "checkpoint_folders": self.checkpoint_folders,
             "dataset_options": self.dataset_options,
@@ -156,6 +159,7 @@ class StoreMeta:
             noise=d.get("noise", "per-sample"),
             prediction=d.get("prediction", "epsilon"),
             conditioning={str(k): dict(v) for k, v in (d.get("conditioning") or {}).items()},
+            encoders={str(k): str(v) for k, v in (d.get("encoders") or {}).items()},
             checkpoint_dir=d.get("checkpoint_dir"),
             checkpoint_folders=[str(f) for f in d.get("checkpoint_folders") or []],
             dataset_options=dict(d.get("dataset_options") or {}),
@@ -183,6 +187,7 @@ class StoreMeta:
             "noise": "noise policy",
             "prediction": "prediction type",
             "conditioning": "conditioning",
+            "encoders": "VAE / text encoder / latents",
         }
         differ = []
         for attr, label in names.items():
