@@ -16,6 +16,7 @@ from projidx.settings import (
     METHODS,
     NOISE_POLICIES,
     OBJECTIVES,
+    PARAMS_CHOICES,
     PROJECTOR_CHOICES,
     SCHEDULES,
     VALUE_RANGES,
@@ -244,6 +245,10 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
               help="Differentiate the training loss (the paper) or D-TRAK's mean squared model output.")
 @click.option("--train-draws", default=FEATURIZE.train_draws, show_default=True, type=click.IntRange(1),
               help="Noise draws averaged per training-side gradient (the paper: 1; costs D x the gradients).")
+@click.option("--params", default=FEATURIZE.params, show_default=True, metavar="|".join(PARAMS_CHOICES) + "|GLOBS",
+              help="The attributed parameters (the others are frozen; the projection is sized to them): all, lora (a"
+                   " LoRA adapter's weights), or glob patterns over parameter names, e.g. '*attn2.to_k*,*attn2.to_v*';"
+                   " auto: lora where the checkpoints carry an adapter (--base), else all.")
 @click.option("--other-data", is_flag=True,
               help="Replay mode: accept data that is not the set the checkpoints were trained on (warns).")
 @click.option("--threads", type=click.IntRange(1), default=None,
@@ -252,22 +257,24 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
 @data_options
 @_fail_cleanly
 def featurize(locations, weights, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
-              projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, other_data,
-              threads, value_range, resize, image_column, label_column) -> None:
+              projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, params,
+              other_data, threads, value_range, resize, image_column, label_column) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
     from projidx.features.featurization import featurize as run_featurize
+    from projidx.features.grads import select_parameters
 
     _check_device(device)
     _threads(threads)
     values = dict(projector=projector, proj_dim=proj_dim, projection_seed=projection_seed, noise_seed=noise_seed,
                   noise=noise, dtype=dtype, train_timesteps=train_timesteps, timesteps=timesteps, grid=grid,
                   batch_size=batch_size, chunk_rows=chunk_rows, device=device, objective=objective,
-                  train_draws=train_draws)
+                  train_draws=train_draws, params=params)
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
     ckpts = _checkpoints(locations, weights)
+    _flags(select_parameters, model=ckpts.model, params=config.params)  # a selection of nothing, named as the flag
     if config.train_timesteps == "grid":
         check_grid_size("--timesteps", config.timesteps, ckpts.schedule.T)
     images = _data(data, value_range, resize, image_column, label_column, stream=True)

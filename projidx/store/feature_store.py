@@ -74,6 +74,7 @@ class StoreMeta:
     noise: str = "per-sample"  # diffusion.NOISE_POLICIES; stores written before the policy existed are per-sample
     prediction: str = "epsilon"  # settings.PREDICTIONS: what the network outputs, hence the loss's target
     conditioning: dict = field(default_factory=dict)  # {model input: requirements} (diffusion.model_conditioning)
+    params: dict = field(default_factory=dict)  # the attributed parameters (grads.select_parameters); {}: all
     checkpoint_dir: str | None = field(default=None, compare=False)  # a projidx checkpoint directory, or
     checkpoint_folders: list[str] = field(default_factory=list, compare=False)  # diffusers folders, in order
     dataset_options: dict = field(default_factory=dict, compare=False)  # data.DataOptions the data was read with
@@ -112,6 +113,7 @@ class StoreMeta:
             "noise": self.noise,
             "prediction": self.prediction,
             "conditioning": self.conditioning,
+            "params": self.params,
             "checkpoint_dir": self.checkpoint_dir,
             "checkpoint_folders": self.checkpoint_folders,
             "dataset_options": self.dataset_options,
@@ -148,6 +150,7 @@ class StoreMeta:
             noise=d.get("noise", "per-sample"),
             prediction=d.get("prediction", "epsilon"),
             conditioning={str(k): dict(v) for k, v in (d.get("conditioning") or {}).items()},
+            params=dict(d.get("params") or {}),
             checkpoint_dir=d.get("checkpoint_dir"),
             checkpoint_folders=[str(f) for f in d.get("checkpoint_folders") or []],
             dataset_options=dict(d.get("dataset_options") or {}),
@@ -157,6 +160,7 @@ class StoreMeta:
         """The fields (in a user's words, comma-separated) in which ``other`` differs from this, or None; short
         values are named too: ``noise policy (store: per-sample, given: shared)``."""
         names = {
+            "params": "parameter selection",  # first: it changes the projector spec and the model fingerprint too
             "projector": "projector spec",
             "model_fingerprint": "model",
             "dataset_fingerprint": "dataset",
@@ -179,6 +183,8 @@ class StoreMeta:
         for attr, label in names.items():
             mine, theirs = getattr(self, attr), getattr(other, attr)
             if mine != theirs:
+                if attr == "params":  # named by its patterns, not its digest
+                    mine, theirs = mine.get("patterns", "all"), theirs.get("patterns", "all")
                 values = f" (store: {mine}, given: {theirs})"
                 differ.append(label + (values if len(values) <= 80 else ""))
         return ", ".join(differ) or None
