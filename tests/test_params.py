@@ -12,8 +12,9 @@ import torch
 from projidx.data.datasets import ImageSet
 from projidx.errors import ProjidxError
 from projidx.features.factorized import FactorizedGradients
-from projidx.features.grads import GradientComputer, is_adapter_parameter, resolve_params, select_parameters
+from projidx.features.grads import GradientComputer, resolve_params, select_parameters
 from projidx.models.diffusion import diffusion_loss
+from projidx.models.lora import is_adapter_parameter
 from projidx.models.unet import SmallUNet
 from projidx.settings import FeaturizeConfig
 from projidx.store.feature_store import FeatureStore

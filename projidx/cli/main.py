@@ -188,7 +188,11 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
 
 
 def checkpoint_options(fn):
-    """--checkpoints (repeatable) and --checkpoint-weights: what a model's checkpoints are."""
+    """--checkpoints (repeatable), --checkpoint-weights and --base: what a model's checkpoints are."""
+    fn = click.option("--base", default=None, type=click.Path(file_okay=False),
+                      help="LoRA fine-tunes: the base model's diffusers folder; each --checkpoints folder then holds"
+                           " pytorch_lora_weights.safetensors (save_lora_weights), attributed through the adapter"
+                           " (--params lora).")(fn)
     fn = click.option("--checkpoint-weights", "weights", default=None, metavar="W1,W2,...",
                       help="diffusers folders: the TracIn weight of each checkpoint, in order (the learning rate x"
                            " steps since the previous one) [default: 1 each].")(fn)
@@ -198,8 +202,8 @@ def checkpoint_options(fn):
                              " checkpoint in training order (repeat the option).")(fn)
 
 
-def _checkpoints(locations: tuple[str, ...], weights: str | None):
-    """The CheckpointSet of --checkpoints / --checkpoint-weights."""
+def _checkpoints(locations: tuple[str, ...], weights: str | None, base: str | None):
+    """The CheckpointSet of --checkpoints / --checkpoint-weights / --base."""
     from projidx.models.checkpoints import load_checkpoints
 
     values = None
@@ -209,7 +213,7 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
         except ValueError:
             raise ProjidxError(f"--checkpoint-weights must be numbers separated by commas, got {weights!r}") from None
     try:
-        return load_checkpoints(list(locations), values)
+        return load_checkpoints(list(locations), values, base)
     except ProjidxError as e:
         raise ProjidxError(str(e).replace("checkpoint_weights:", "--checkpoint-weights:")) from None
 
@@ -256,7 +260,7 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
                    " threads than cores avoid a many-fold slow-down.")
 @data_options
 @_fail_cleanly
-def featurize(locations, weights, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
+def featurize(locations, weights, base, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
               projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, params,
               other_data, threads, value_range, resize, image_column, label_column) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
@@ -273,7 +277,7 @@ def featurize(locations, weights, data, store, train_timesteps, timesteps, grid,
                   train_draws=train_draws, params=params)
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
-    ckpts = _checkpoints(locations, weights)
+    ckpts = _checkpoints(locations, weights, base)
     _flags(select_parameters, model=ckpts.model, params=config.params)  # a selection of nothing, named as the flag
     if config.train_timesteps == "grid":
         check_grid_size("--timesteps", config.timesteps, ckpts.schedule.T)
@@ -516,13 +520,13 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
 @click.option("--label", "labels", default=None, metavar="L1,L2,...",
               help="Class-conditional models: the class label of every image (one), or one per image.")
 @_fail_cleanly
-def sample(locations, weights, out, count, steps, seed, which, labels) -> None:
+def sample(locations, weights, base, out, count, steps, seed, which, labels) -> None:
     """Generate images with deterministic DDIM from a checkpoint, as queries for 'projidx query'."""
     from projidx.files import atomic_path
     from projidx.models.checkpoints import check_blob
     from projidx.models.diffusion import ddim_sample, model_conditioning
 
-    ckpts = _checkpoints(locations, weights)
+    ckpts = _checkpoints(locations, weights, base)
     by_id = {c.id: c for c in ckpts.checkpoints}
     if which is not None and which not in by_id:
         raise ProjidxError(f"--checkpoint {which!r}: no such checkpoint (have {', '.join(by_id)})")

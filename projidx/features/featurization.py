@@ -159,6 +159,7 @@ def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config
         params=params,
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
         checkpoint_folders=[str(f) for f in ckpts.folders],
+        checkpoint_base=str(ckpts.base) if ckpts.base else None,
         dataset_options=data.options.to_dict(),
     )
 

@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, vmap
 
 from projidx.errors import ProjidxError
 from projidx.models.diffusion import NoiseSchedule, attribution_output, prediction_target, q_sample
+from projidx.models.lora import is_adapter_parameter
 
 if TYPE_CHECKING:
     from projidx.features.projection import Projector
@@ -69,12 +70,6 @@ def shapes_digest(shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> st
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 of the model class and its trainable parameters' names and shapes (not their values)."""
     return shapes_digest(parameter_shapes(model), f"{type(model).__module__}.{type(model).__qualname__}")
-
-
-def is_adapter_parameter(name: str) -> bool:
-    """Whether parameter ``name`` belongs to a LoRA adapter: peft names an adapter's weights by its layers
-    (``...to_q.lora_A.default.weight``, ``lora_B``, ``lora_embedding_A``, ``lora_magnitude_vector``)."""
-    return any(part.startswith("lora_") for part in name.split("."))
 
 
 def resolve_params(params: str, names: Iterable[str]) -> str:

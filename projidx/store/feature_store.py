@@ -53,8 +53,8 @@ READABLE_VERSIONS = (1, 2)  # version 1 stores (bool done markers, no digests) a
 @dataclass(frozen=True)
 class StoreMeta:
     """What a store was computed from. A store is resumed only if all fields but ``checkpoint_dir``,
-    ``checkpoint_folders``, ``dataset_name`` and ``dataset_options`` (where and how they were read) agree: see
-    :meth:`difference`."""
+    ``checkpoint_folders``, ``checkpoint_base``, ``dataset_name`` and ``dataset_options`` (where and how they were
+    read) agree: see :meth:`difference`."""
 
     projector: ProjectorSpec
     model_fingerprint: str
@@ -77,6 +77,7 @@ class StoreMeta:
     params: dict = field(default_factory=dict)  # the attributed parameters (grads.select_parameters); {}: all
     checkpoint_dir: str | None = field(default=None, compare=False)  # a projidx checkpoint directory, or
     checkpoint_folders: list[str] = field(default_factory=list, compare=False)  # diffusers folders, in order
+    checkpoint_base: str | None = field(default=None, compare=False)  # LoRA folders: the base diffusers folder
     dataset_options: dict = field(default_factory=dict, compare=False)  # data.DataOptions the data was read with
 
     @property
@@ -116,6 +117,7 @@ class StoreMeta:
             "params": self.params,
             "checkpoint_dir": self.checkpoint_dir,
             "checkpoint_folders": self.checkpoint_folders,
+            "checkpoint_base": self.checkpoint_base,
             "dataset_options": self.dataset_options,
         }
 
@@ -153,6 +155,7 @@ class StoreMeta:
             params=dict(d.get("params") or {}),
             checkpoint_dir=d.get("checkpoint_dir"),
             checkpoint_folders=[str(f) for f in d.get("checkpoint_folders") or []],
+            checkpoint_base=d.get("checkpoint_base"),
             dataset_options=dict(d.get("dataset_options") or {}),
         )
 
