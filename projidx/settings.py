@@ -23,6 +23,9 @@ PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector
 METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak", "das")
 VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
 LATENTS = ("mean", "sample")  # a VAE's latent of an image: its posterior mean, or a draw seeded by the noise seed
+# what is attributed (besides comma-separated glob patterns over parameter names): every parameter, the LoRA adapter's,
+# or auto (lora where the checkpoints carry an adapter, else all)
+PARAMS_CHOICES = ("auto", "all", "lora")
 
 
 def require_at_least(settings: object, names: tuple[str, ...], minimum: int) -> None:
@@ -71,6 +74,13 @@ class DataOptions:
                    d.get("image_column", "image"), d.get("label_column"), d.get("caption_column"))
 
 
+def check_params(params: str) -> None:
+    """ProjidxError unless ``params`` is a PARAMS_CHOICES word or comma-separated non-empty glob patterns."""
+    if not params or any(not part.strip() for part in params.split(",")):
+        raise ProjidxError(f"params must be one of {', '.join(PARAMS_CHOICES)} or comma-separated glob patterns over"
+                           f" parameter names (e.g. '*attn2.to_k*,*attn2.to_v*'), got {params!r}")
+
+
 def check_grid_size(name: str, size: int, T: int) -> None:
     """ProjidxError unless a timestep grid of ``size`` points fits the model's T timesteps (a grid holds distinct
     integer timesteps in [0, T); a larger one would only repeat them, after building a list of ``size``)."""
@@ -88,7 +98,10 @@ class FeaturizeConfig:
     attributed function (``objective="dtrak"``: the gradient of the mean squared model output, not of the loss),
     with which a generated image's gradients point at the training image it reproduces (the loss gradient of a
     memorized image is its tiny residual's, of a generation its deviation's). ``train_timesteps="replay"`` with
-    ``noise="per-sample"`` and ``objective="loss"`` is the paper's setting.
+    ``noise="per-sample"`` and ``objective="loss"`` is the paper's setting. ``params`` names the attributed parameters
+    (the others are frozen: no gradient of theirs is computed, the projection is sized to the selection): ``all``,
+    ``lora`` (a LoRA adapter's weights), glob patterns over parameter names, or ``auto`` (``lora`` where the model
+    carries an adapter, else ``all``).
     """
 
     projector: str = "sjlt"  # a projection.KINDS kind, or auto: factorized where the model allows it, else sjlt
@@ -107,8 +120,10 @@ class FeaturizeConfig:
     objective: str = "dtrak"  # OBJECTIVES: D-TRAK's mean squared output (docs/results.md: generated images)
     train_draws: int = 1  # noise draws averaged per training-side gradient (the paper: 1)
     latents: str = "mean"  # LATENTS: what a pipeline's VAE makes of an image (pixel-space models: unused)
+    params: str = "auto"  # PARAMS_CHOICES or glob patterns "p1,p2" over parameter names: the attributed parameters
 
     def __post_init__(self) -> None:
+        check_params(self.params)
         choices = {"projector": PROJECTOR_CHOICES, "noise": NOISE_POLICIES, "train_timesteps": TRAIN_TIMESTEP_MODES,
                    "objective": OBJECTIVES, "dtype": ("float16", "float32"), "grid": GRIDS, "latents": LATENTS}
         for name, allowed in choices.items():

@@ -17,6 +17,7 @@ from projidx.settings import (
     METHODS,
     NOISE_POLICIES,
     OBJECTIVES,
+    PARAMS_CHOICES,
     PROJECTOR_CHOICES,
     SCHEDULES,
     VALUE_RANGES,
@@ -205,7 +206,11 @@ def train(data, out, epochs, checkpoints, seed, loss, lr, batch_size, width, sch
 
 
 def checkpoint_options(fn):
-    """--checkpoints (repeatable) and --checkpoint-weights: what a model's checkpoints are."""
+    """--checkpoints (repeatable), --checkpoint-weights and --base: what a model's checkpoints are."""
+    fn = click.option("--base", default=None, type=click.Path(file_okay=False),
+                      help="LoRA fine-tunes: the base model's diffusers folder; each --checkpoints folder then holds"
+                           " pytorch_lora_weights.safetensors (save_lora_weights), attributed through the adapter"
+                           " (--params lora).")(fn)
     fn = click.option("--checkpoint-weights", "weights", default=None, metavar="W1,W2,...",
                       help="diffusers folders: the TracIn weight of each checkpoint, in order (the learning rate x"
                            " steps since the previous one) [default: 1 each].")(fn)
@@ -215,8 +220,8 @@ def checkpoint_options(fn):
                              " checkpoint in training order (repeat the option).")(fn)
 
 
-def _checkpoints(locations: tuple[str, ...], weights: str | None):
-    """The CheckpointSet of --checkpoints / --checkpoint-weights."""
+def _checkpoints(locations: tuple[str, ...], weights: str | None, base: str | None):
+    """The CheckpointSet of --checkpoints / --checkpoint-weights / --base."""
     from projidx.models.checkpoints import load_checkpoints
 
     values = None
@@ -226,7 +231,7 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
         except ValueError:
             raise ProjidxError(f"--checkpoint-weights must be numbers separated by commas, got {weights!r}") from None
     try:
-        return load_checkpoints(list(locations), values)
+        return load_checkpoints(list(locations), values, base)
     except ProjidxError as e:
         raise ProjidxError(str(e).replace("checkpoint_weights:", "--checkpoint-weights:")) from None
 
@@ -266,6 +271,10 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
 @click.option("--latents", type=click.Choice(LATENTS), default=FEATURIZE.latents, show_default=True,
               help="Pipelines with a VAE: each image's latent is its posterior mean, or a draw seeded by --noise-seed"
                    " (both sides).")
+@click.option("--params", default=FEATURIZE.params, show_default=True, metavar="|".join(PARAMS_CHOICES) + "|GLOBS",
+              help="The attributed parameters (the others are frozen; the projection is sized to them): all, lora (a"
+                   " LoRA adapter's weights), or glob patterns over parameter names, e.g. '*attn2.to_k*,*attn2.to_v*';"
+                   " auto: lora where the checkpoints carry an adapter (--base), else all.")
 @click.option("--other-data", is_flag=True,
               help="Replay mode: accept data that is not the set the checkpoints were trained on (warns).")
 @click.option("--threads", type=click.IntRange(1), default=None,
@@ -273,23 +282,25 @@ def _checkpoints(locations: tuple[str, ...], weights: str | None):
                    " threads than cores avoid a many-fold slow-down.")
 @data_options
 @_fail_cleanly
-def featurize(locations, weights, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
+def featurize(locations, weights, base, data, store, train_timesteps, timesteps, grid, noise, proj_dim, projector,
               projection_seed, noise_seed, batch_size, chunk_rows, dtype, device, objective, train_draws, latents,
-              other_data, threads, data_flags) -> None:
+              params, other_data, threads, data_flags) -> None:
     """Per-sample gradients of every training image at every checkpoint, projected into a store."""
     import time
 
     from projidx.features.featurization import featurize as run_featurize
+    from projidx.features.grads import select_parameters
 
     _check_device(device)
     _threads(threads)
     values = dict(projector=projector, proj_dim=proj_dim, projection_seed=projection_seed, noise_seed=noise_seed,
                   noise=noise, dtype=dtype, train_timesteps=train_timesteps, timesteps=timesteps, grid=grid,
                   batch_size=batch_size, chunk_rows=chunk_rows, device=device, objective=objective,
-                  train_draws=train_draws, latents=latents)
+                  train_draws=train_draws, latents=latents, params=params)
     values.update(_recorded_unless_given(store, values))
     config = _flags(FeaturizeConfig, **values)
-    ckpts = _checkpoints(locations, weights)
+    ckpts = _checkpoints(locations, weights, base)
+    _flags(select_parameters, model=ckpts.model, params=config.params)  # a selection of nothing, named as the flag
     if config.train_timesteps == "grid":
         check_grid_size("--timesteps", config.timesteps, ckpts.schedule.T)
     images = _data(data, data_flags, stream=True)
@@ -549,14 +560,14 @@ SAMPLE = SampleConfig()  # the defaults the sample options show
 @click.option("--guidance-scale", default=SAMPLE.guidance_scale, show_default=True, type=float,
               help="Text-to-image pipelines: classifier-free guidance scale (1: none).")
 @_fail_cleanly
-def sample(locations, weights, out, count, steps, seed, which, labels, prompts, guidance_scale) -> None:
+def sample(locations, weights, base, out, count, steps, seed, which, labels, prompts, guidance_scale) -> None:
     """Generate images from a checkpoint, as queries for 'projidx query': deterministic DDIM, or for a
     text-to-image pipeline its own StableDiffusionPipeline with a DDIM scheduler and the prompts given."""
     from projidx.models.checkpoints import check_blob
     from projidx.models.diffusion import ddim_sample, model_conditioning
 
     config = _flags(SampleConfig, count=count, steps=steps, seed=seed, guidance_scale=guidance_scale)
-    ckpts = _checkpoints(locations, weights)
+    ckpts = _checkpoints(locations, weights, base)
     by_id = {c.id: c for c in ckpts.checkpoints}
     if which is not None and which not in by_id:
         raise ProjidxError(f"--checkpoint {which!r}: no such checkpoint (have {', '.join(by_id)})")

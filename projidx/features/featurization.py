@@ -30,7 +30,13 @@ from projidx.errors import ProjidxError, one_line
 from projidx.features.dist import World, process_group
 from projidx.features.encoding import EncodedRows, LatentCache, encoders_record, model_rows, shape_hint
 from projidx.features.factorized import FactorizedGradients, factorizable_modules
-from projidx.features.grads import GradientComputer, GradientSource, model_fingerprint, parameter_shapes
+from projidx.features.grads import (
+    GradientComputer,
+    GradientSource,
+    model_fingerprint,
+    parameter_shapes,
+    select_parameters,
+)
 from projidx.features.projection import Projector, ProjectorSpec, make_projector
 from projidx.features.query import QueryFeatures
 from projidx.models.checkpoints import CheckpointSet, check_blob
@@ -126,8 +132,10 @@ def gradient_computer(
         return GradientComputer(model, schedule, loss, device, objective, prediction)
 
 
-def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config: FeaturizeConfig) -> StoreMeta:
-    """What a store of ``data`` at ``ckpts`` under ``config`` records (``data``: the images as given, in pixels)."""
+def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config: FeaturizeConfig,
+                params: dict) -> StoreMeta:
+    """What a store of ``data`` at ``ckpts`` under ``config`` records (``data``: the images as given, in pixels);
+    ``params``: the selection's record (:func:`select_parameters`)."""
     grid = timestep_grid(config.timesteps, ckpts.schedule.T, config.grid) if config.train_timesteps == "grid" else []
     conditioning = model_conditioning(ckpts.model)
     return StoreMeta(
@@ -150,8 +158,10 @@ def _store_meta(ckpts: CheckpointSet, data: Dataset, spec: ProjectorSpec, config
         prediction=ckpts.prediction,
         conditioning=conditioning,
         encoders=encoders_record(ckpts, config.latents),
+        params=params,
         checkpoint_dir=str(ckpts.directory.resolve()) if ckpts.directory else None,
         checkpoint_folders=[str(f) for f in ckpts.folders],
+        checkpoint_base=str(ckpts.base) if ckpts.base else None,
         dataset_options=data.options.to_dict(),
         losses=True,
     )
@@ -230,8 +240,9 @@ def _featurize(
         if not allow_other_data:
             raise ProjidxError(message + "; pass the training data, use --train-timesteps grid, or --other-data")
         warnings.warn(message, stacklevel=2)
+    params = select_parameters(ckpts.model, config.params)  # the model's other parameters frozen from here on
     spec = projector_spec(ckpts, config)
-    meta = _store_meta(ckpts, data, spec, config)
+    meta = _store_meta(ckpts, data, spec, config, params)
     replays = [replay_timesteps(b, data.ids, c.id) for b, c in zip(blobs, ckpts.checkpoints, strict=True)] \
         if config.train_timesteps == "replay" else None
     computer = gradient_computer(ckpts.model, ckpts.schedule, ckpts.loss, spec, config.device, config.objective,
@@ -287,7 +298,8 @@ def recorded_settings(meta: StoreMeta) -> dict:
     out = {"projector": meta.projector.kind, "proj_dim": meta.projector.proj_dim, "projection_seed":
            meta.projector.seed, "dtype": meta.projector.dtype, "sparsity": meta.projector.sparsity,
            "noise": meta.noise, "noise_seed": meta.noise_seed, "train_timesteps": meta.train_timesteps,
-           "chunk_rows": meta.chunk_rows, "objective": meta.objective, "train_draws": meta.train_draws}
+           "chunk_rows": meta.chunk_rows, "objective": meta.objective, "train_draws": meta.train_draws,
+           "params": meta.params.get("patterns", "all")}
     if "latents" in meta.encoders:
         out["latents"] = meta.encoders["latents"]
     if meta.train_timesteps == "grid":
@@ -500,9 +512,20 @@ def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: in
     return grid, draws
 
 
+def select_as_store(meta: StoreMeta, model: torch.nn.Module, given: str = "the checkpoints given") -> None:
+    """Select (:func:`select_parameters`) the parameters of ``model`` that the store attributes; ProjidxError unless
+    they are the same names and shapes. Stores written before the selection was recorded leave ``model`` as it
+    is."""
+    if meta.params and select_parameters(model, meta.params["patterns"]) != meta.params:
+        raise ProjidxError(f"the parameters --params {meta.params['patterns']!r} selects in {given} are not the ones"
+                           " the store attributes (another model)")
+
+
 def check_checkpoints(store: FeatureStore, ckpts: CheckpointSet, given: str = "the checkpoints given") -> None:
-    """ProjidxError unless ``ckpts`` are the ones ``store`` was built from: the same model fingerprint, the same
-    checkpoint ids, file hashes and weights (wherever the files now are), and the same VAE and text encoder."""
+    """ProjidxError unless ``ckpts`` are the ones ``store`` was built from: the same model fingerprint over the
+    store's parameter selection (:func:`select_as_store`, which ``ckpts.model`` keeps), the same checkpoint ids,
+    file hashes and weights (wherever the files now are), and the same VAE and text encoder."""
+    select_as_store(store.meta, ckpts.model, given)
     if model_fingerprint(ckpts.model) != store.meta.model_fingerprint or ckpts.describe() != store.meta.checkpoints:
         raise ProjidxError(f"{given} are not the ones store {store.path} was built from (another model or other"
                            " checkpoint files)")

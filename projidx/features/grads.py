@@ -8,15 +8,19 @@ which by linearity is the mean of the R per-draw gradients (the paper's query-si
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from projidx.errors import ProjidxError
 from projidx.models.diffusion import NoiseSchedule, attribution_output, draws_loss, prediction_target, q_sample
+from projidx.models.lora import is_adapter_parameter
 
 if TYPE_CHECKING:
     from projidx.features.projection import Projector
@@ -61,16 +65,63 @@ def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in trainable_parameters(model).items()}
 
 
+def shapes_digest(shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> str:
+    """sha256 of ``prefix`` and the parameter names and shapes ``shapes``, in their order."""
+    h = hashlib.sha256(prefix.encode())
+    for name, shape in shapes.items():
+        h.update(f"{name}:{shape};".encode())
+    return h.hexdigest()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 of the model class and its trainable parameters' names and shapes (not their values).
 
     The class is named by its ``fingerprint_name`` where it has one (projidx's own models: the dotted name they
     had when stores began recording it, so moving a module never orphans a store), else module + qualname."""
     cls = type(model)
-    h = hashlib.sha256(getattr(cls, "fingerprint_name", f"{cls.__module__}.{cls.__qualname__}").encode())
-    for name, shape in parameter_shapes(model).items():
-        h.update(f"{name}:{shape};".encode())
-    return h.hexdigest()
+    name = getattr(cls, "fingerprint_name", f"{cls.__module__}.{cls.__qualname__}")
+    return shapes_digest(parameter_shapes(model), name)
+
+
+def resolve_params(params: str, names: Iterable[str]) -> str:
+    """``auto`` -> ``lora`` where any of ``names`` is an adapter's (:func:`is_adapter_parameter`), else ``all``; any
+    other selection is returned as is (stripped of spaces around its patterns)."""
+    if params == "auto":
+        return "lora" if any(is_adapter_parameter(n) for n in names) else "all"
+    return ",".join(part.strip() for part in params.split(","))
+
+
+def selected_names(params: str, names: list[str]) -> list[str]:
+    """The parameters of ``names`` that a resolved selection picks, sorted: ``all``, ``lora`` (the adapter's), or
+    comma-separated glob patterns (``fnmatch``, case-sensitive) of which any may match; ProjidxError naming
+    ``params`` when none does."""
+    if params == "all":
+        picked = list(names)
+    elif params == "lora":
+        picked = [n for n in names if is_adapter_parameter(n)]
+    else:
+        patterns = params.split(",")
+        picked = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not picked:
+        example = f" (e.g. {min(names)})" if names else ""
+        raise ProjidxError(f"params must select a parameter: {params!r} matches none of the model's {len(names)}"
+                           f" parameters{example}")
+    return sorted(picked)
+
+
+def select_parameters(model: nn.Module, params: str) -> dict:
+    """Freeze every parameter of ``model`` but those ``params`` selects (:func:`resolve_params`,
+    :func:`selected_names`; ``requires_grad``, so no gradient of a frozen one is ever computed) and return the
+    selection's record: {"patterns": the resolved selection, "tensors": how many, "count": their entries,
+    "digest": sha256 of their names and shapes}."""
+    names = [n for n, _ in model.named_parameters()]
+    params = resolve_params(params, names)
+    keep = set(selected_names(params, names))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+    shapes = parameter_shapes(model)
+    return {"patterns": params, "tensors": len(shapes), "count": sum(math.prod(s) for s in shapes.values()),
+            "digest": shapes_digest(shapes)}
 
 
 class GradientComputer:

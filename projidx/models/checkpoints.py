@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,13 +68,22 @@ class Checkpoint:
 
     The file is a projidx ``.pt`` (a dict with ``state_dict`` and replay records) or a bare weights file written
     by diffusers (``.safetensors``, or a ``.bin`` state dict), whose keys get ``key_prefix`` to match the model
-    (``unet.`` for the :class:`~projidx.models.diffusion.DiffusersEps` adapter)."""
+    (``unet.`` for the :class:`~projidx.models.diffusion.DiffusersEps` adapter). A file that is not the model's
+    whole weights (a LoRA adapter, :mod:`projidx.models.lora`) has a ``reader`` that makes them of it, and the hash
+    ``base_sha256`` of the weights it applies to."""
 
     id: str
     path: Path
     weight: float
     sha256: str
     key_prefix: str = ""
+    reader: Callable[[Path], dict] | None = field(default=None, compare=False, repr=False)
+    base_sha256: str | None = None
+
+    def describe(self) -> dict:
+        """What a store records of the checkpoint: id, hash, TracIn weight (and the base's hash)."""
+        out = {"id": self.id, "sha256": self.sha256, "weight": self.weight}
+        return out if self.base_sha256 is None else {**out, "base_sha256": self.base_sha256}
 
     def load(self) -> dict:
         """The checkpoint's contents (``{"state_dict": ..., ...}``), after checking its hash; raises ProjidxError
@@ -82,6 +92,8 @@ class Checkpoint:
             raise ProjidxError(f"checkpoint {self.id}: file {self.path} is missing")
         if file_sha256(self.path) != self.sha256:
             raise ProjidxError(f"checkpoint {self.id}: {self.path} does not match the hash it was recorded with")
+        if self.reader is not None:
+            return self.reader(self.path)
         try:
             if self.path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -114,6 +126,7 @@ class CheckpointSet:
     prediction: str = "epsilon"  # settings.PREDICTIONS: what the model outputs
     folders: tuple[Path, ...] = ()  # diffusers folders, one per checkpoint (load_diffusers_folders)
     frozen: FrozenParts | None = None  # a latent / text-to-image pipeline's VAE and text encoder (not attributed)
+    base: Path | None = None  # LoRA checkpoints: the base diffusers folder their adapters apply to (lora.py)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -134,7 +147,7 @@ class CheckpointSet:
             raise ProjidxError(f"checkpoint ids must be unique, got {ids}")
 
     def describe(self) -> list[dict]:
-        return [{"id": c.id, "sha256": c.sha256, "weight": c.weight} for c in self.checkpoints]
+        return [c.describe() for c in self.checkpoints]
 
 
 def save_checkpoint(
@@ -210,6 +223,7 @@ def load_checkpoint_dir(directory: str | Path) -> CheckpointSet:
 
 DIFFUSERS_UNETS = ("UNet2DModel", "UNet2DConditionModel")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a LoRA checkpoint folder's file (diffusers' save_lora_weights)
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -236,6 +250,31 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def checkpoint_folders(folders: list[str | Path], weights: list[float] | None) -> list[Path]:
+    """``folders`` as paths, after checking that there is one at least, each exists, and ``weights`` (if given)
+    has one TracIn weight per folder."""
+    paths = [Path(f) for f in folders]
+    if not paths:
+        raise ProjidxError("no checkpoints given")
+    if weights is not None and len(weights) != len(paths):
+        raise ProjidxError(f"checkpoint_weights: {len(weights)} weights for {len(paths)} checkpoint folders")
+    missing = [p for p in paths if not p.is_dir()]
+    if missing:
+        raise ProjidxError(f"checkpoints {missing[0]}: no such folder")
+    return paths
+
+
+def folder_ids(paths: list[Path]) -> list[str]:
+    """Checkpoint ids of folders: their names made safe (SAFE_ID), or ckpt-000, ckpt-001, ... where names repeat."""
+    names = [re.sub(r"[^A-Za-z0-9._-]", "-", p.resolve().name).lstrip("._-")[:128] or "ckpt" for p in paths]
+    return names if len(set(names)) == len(names) else [f"ckpt-{i:03d}" for i in range(len(paths))]
+
+
+def tracin_weights(weights: list[float] | None, paths: list[Path]) -> list[float]:
+    """The TracIn weight of each checkpoint folder: ``weights`` as floats, or 1 each."""
+    return [float(w) for w in weights] if weights is not None else [1.0] * len(paths)
+
+
 def load_diffusers_folders(folders: list[str | Path], weights: list[float] | None = None,
                            loss: str = "mse") -> CheckpointSet:
     """Checkpoints from diffusers folders (:func:`diffusers_parts`), one per checkpoint, in training order.
@@ -252,15 +291,9 @@ def load_diffusers_folders(folders: list[str | Path], weights: list[float] | Non
         raise ProjidxError("diffusers checkpoints need diffusers: pip install 'projidx[diffusers]'") from e
     from projidx.models.diffusion import DiffusersEps, prediction_from_diffusers, schedule_from_diffusers
 
-    paths = [Path(f) for f in folders]
-    if not paths:
-        raise ProjidxError("no checkpoints given")
-    if weights is not None and len(weights) != len(paths):
-        raise ProjidxError(f"checkpoint_weights: {len(weights)} weights for {len(paths)} checkpoint folders")
+    paths = checkpoint_folders(folders, weights)
     configs, schedulers, files = [], [], []
     for path in paths:
-        if not path.is_dir():
-            raise ProjidxError(f"checkpoints {path}: no such folder")
         unet, scheduler = diffusers_parts(path)
         configs.append(read_json_object(unet / "config.json", f"checkpoints {path}"))
         schedulers.append(read_json_object(scheduler, f"checkpoints {path}"))
@@ -287,15 +320,13 @@ def load_diffusers_folders(folders: list[str | Path], weights: list[float] | Non
         prediction = prediction_from_diffusers(schedulers[0])
     except ValueError as e:
         raise ProjidxError(f"checkpoints {paths[0]}: {one_line(e)}") from e
-    names = [re.sub(r"[^A-Za-z0-9._-]", "-", p.resolve().name).lstrip("._-")[:128] or "ckpt" for p in paths]
-    ids = names if len(set(names)) == len(names) else [f"ckpt-{i:03d}" for i in range(len(paths))]
     size = configs[0].get("sample_size")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     shape = (int(configs[0].get("in_channels", 3)), int(h), int(w))
     width = model.conditioning.get("encoder_hidden_states", {}).get("dim")
     frozen = pipeline_parts(paths, configs[0], schedulers[0], width)
-    ckpts = [Checkpoint(cid, f, float(weights[i]) if weights is not None else 1.0, file_sha256(f), "unet.")
-             for i, (cid, f) in enumerate(zip(ids, files, strict=True))]
+    ckpts = [Checkpoint(cid, f, w_c, file_sha256(f), "unet.")
+             for cid, f, w_c in zip(folder_ids(paths), files, tracin_weights(weights, paths), strict=True)]
     return CheckpointSet(model=model, checkpoints=ckpts, loss=loss, schedule=schedule,
                          image_shape=frozen.pixel_shape(shape) if frozen and frozen.vae else shape,
                          prediction=prediction, folders=tuple(p.resolve() for p in paths), frozen=frozen)
@@ -324,9 +355,15 @@ def pipeline_parts(paths: list[Path], unet_config: dict, scheduler_config: dict,
     return parts
 
 
-def load_checkpoints(locations: list[str | Path], weights: list[float] | None = None) -> CheckpointSet:
-    """What ``--checkpoints`` names: one projidx checkpoint directory (``manifest.json``), or diffusers folders
-    (:func:`load_diffusers_folders`, with ``weights``)."""
+def load_checkpoints(locations: list[str | Path], weights: list[float] | None = None,
+                     base: str | Path | None = None) -> CheckpointSet:
+    """What ``--checkpoints`` names: one projidx checkpoint directory (``manifest.json``), diffusers folders
+    (:func:`load_diffusers_folders`, with ``weights``), or with ``base`` (``--base``, a diffusers folder) LoRA
+    folders over it (:func:`projidx.models.lora.load_lora_folders`)."""
+    if base is not None:
+        from projidx.models.lora import load_lora_folders
+
+        return load_lora_folders(base, locations, weights)
     paths = [Path(p) for p in locations]
     missing = [p for p in paths if not p.is_dir()]
     if missing:
@@ -340,6 +377,10 @@ def load_checkpoints(locations: list[str | Path], weights: list[float] | None = 
         return ckpts
     if all(is_diffusers_folder(p) for p in paths):
         return load_diffusers_folders(paths, weights)
+    lora = next((p for p in paths if (p / LORA_WEIGHTS).is_file()), None)
+    if lora is not None:
+        raise ProjidxError(f"checkpoints {lora}: LoRA weights ({LORA_WEIGHTS}); name the model they fine-tune with"
+                           " --base (its diffusers folder)")
     bad = next(p for p in paths if not is_diffusers_folder(p))
     raise ProjidxError(f"checkpoints {bad}: neither a projidx checkpoint directory ({MANIFEST}, from 'projidx train')"
                        " nor a diffusers folder (save_pretrained: model_index.json + unet/, or a UNet config.json)")

@@ -17,6 +17,7 @@ from projidx.errors import ProjidxError
 from projidx.features.featurization import check_checkpoints, featurize_queries
 from projidx.features.query import QueryFeatures
 from projidx.models.checkpoints import CheckpointSet, load_checkpoint_dir, load_checkpoints, load_diffusers_folders
+from projidx.models.lora import load_lora_folders
 from projidx.search.index import SearchIndex, load_index
 from projidx.search.scoring import check_method, exact_topk, query_vectors
 from projidx.store.feature_store import FeatureStore
@@ -54,11 +55,11 @@ def store_checkpoints(store: FeatureStore, locations: list[str | Path] | None = 
     """The checkpoints a store was built from: read from ``locations`` where given (a checkpoint directory, or
     diffusers folders, moved or copied elsewhere; refused unless they are the store's, :func:`check_checkpoints`),
     else from the directory or diffusers folders recorded in the store (diffusers folders with the TracIn weights
-    the store records)."""
+    the store records; LoRA folders over the base folder it records, which moved folders are read over too)."""
     meta = store.meta
     weights = [c["weight"] for c in meta.checkpoints] if meta.checkpoint_folders else None
     if locations:
-        ckpts = load_checkpoints(list(locations), weights)
+        ckpts = load_checkpoints(list(locations), weights, meta.checkpoint_base)
         where = ", ".join(str(p) for p in locations)
         check_checkpoints(store, ckpts, f"the checkpoints in {where} (--checkpoints)")
         return ckpts
@@ -66,6 +67,8 @@ def store_checkpoints(store: FeatureStore, locations: list[str | Path] | None = 
         raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly"
                            " (--checkpoints)")
     try:
+        if meta.checkpoint_base:
+            return load_lora_folders(meta.checkpoint_base, meta.checkpoint_folders, weights, meta.loss)
         if meta.checkpoint_folders:
             return load_diffusers_folders(meta.checkpoint_folders, weights, meta.loss)
         return load_checkpoint_dir(meta.checkpoint_dir)

@@ -57,8 +57,8 @@ READABLE_VERSIONS = (1, 2)  # version 1 stores (bool done markers, no digests) a
 @dataclass(frozen=True)
 class StoreMeta:
     """What a store was computed from. A store is resumed only if all fields but ``checkpoint_dir``,
-    ``checkpoint_folders``, ``dataset_name`` and ``dataset_options`` (where and how they were read) agree: see
-    :meth:`difference`."""
+    ``checkpoint_folders``, ``checkpoint_base``, ``dataset_name`` and ``dataset_options`` (where and how they were
+    read) agree: see :meth:`difference`."""
 
     projector: ProjectorSpec
     model_fingerprint: str
@@ -80,8 +80,10 @@ class StoreMeta:
     conditioning: dict = field(default_factory=dict)  # {model input: requirements} (diffusion.model_conditioning)
     # a pipeline's frozen parts: {component: folder digest} (models.pipeline) and "latents" (settings.LATENTS)
     encoders: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # the attributed parameters (grads.select_parameters); {}: all
     checkpoint_dir: str | None = field(default=None, compare=False)  # a projidx checkpoint directory, or
     checkpoint_folders: list[str] = field(default_factory=list, compare=False)  # diffusers folders, in order
+    checkpoint_base: str | None = field(default=None, compare=False)  # LoRA folders: the base diffusers folder
     dataset_options: dict = field(default_factory=dict, compare=False)  # data.DataOptions the data was read with
     # whether the store records each stored gradient's training loss (losses/<c>); fixed when the store is created
     # (a resumed store keeps its own layout), stores written before it existed have none
@@ -122,8 +124,10 @@ class StoreMeta:
             "prediction": self.prediction,
             "conditioning": self.conditioning,
             "encoders": self.encoders,
+            "params": self.params,
             "checkpoint_dir": self.checkpoint_dir,
             "checkpoint_folders": self.checkpoint_folders,
+            "checkpoint_base": self.checkpoint_base,
             "dataset_options": self.dataset_options,
             "losses": self.losses,
         }
@@ -160,8 +164,10 @@ class StoreMeta:
             prediction=d.get("prediction", "epsilon"),
             conditioning={str(k): dict(v) for k, v in (d.get("conditioning") or {}).items()},
             encoders={str(k): str(v) for k, v in (d.get("encoders") or {}).items()},
+            params=dict(d.get("params") or {}),
             checkpoint_dir=d.get("checkpoint_dir"),
             checkpoint_folders=[str(f) for f in d.get("checkpoint_folders") or []],
+            checkpoint_base=d.get("checkpoint_base"),
             dataset_options=dict(d.get("dataset_options") or {}),
             losses=bool(d.get("losses", False)),
         )
@@ -170,6 +176,7 @@ class StoreMeta:
         """The fields (in a user's words, comma-separated) in which ``other`` differs from this, or None; short
         values are named too: ``noise policy (store: per-sample, given: shared)``."""
         names = {
+            "params": "parameter selection",  # first: it changes the projector spec and the model fingerprint too
             "projector": "projector spec",
             "model_fingerprint": "model",
             "dataset_fingerprint": "dataset",
@@ -193,6 +200,8 @@ class StoreMeta:
         for attr, label in names.items():
             mine, theirs = getattr(self, attr), getattr(other, attr)
             if mine != theirs:
+                if attr == "params":  # named by its patterns, not its digest
+                    mine, theirs = mine.get("patterns", "all"), theirs.get("patterns", "all")
                 values = f" (store: {mine}, given: {theirs})"
                 differ.append(label + (values if len(values) <= 80 else ""))
         return ", ".join(differ) or None
