@@ -40,14 +40,14 @@ UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(6
             up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32)
 
 
-def write_pipeline(root: Path, checkpoints: int) -> tuple[Path, list[Path]]:
+def write_pipeline(root: Path, checkpoints: int, unet: dict = UNET) -> tuple[Path, list[Path]]:
     """The base DDPMPipeline folder and ``checkpoints`` LoRA folders (pytorch_lora_weights.safetensors) over it."""
     import diffusers
     import peft
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     torch.manual_seed(0)
-    diffusers.DDPMPipeline(unet=diffusers.UNet2DModel(**UNET),
+    diffusers.DDPMPipeline(unet=diffusers.UNet2DModel(**unet),
                            scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "base")
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     folders = []
@@ -88,11 +88,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=32, help="training rows featurized per selection")
     parser.add_argument("--checkpoints", type=int, default=2, help="LoRA checkpoints")
+    parser.add_argument("--channels", default="64,128,128", help="the UNet's block_out_channels (its size)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_lora.json"))
     args = parser.parse_args()
+    unet = {**UNET, "block_out_channels": tuple(int(c) for c in args.channels.split(","))}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, folders = write_pipeline(root, args.checkpoints)
+        base, folders = write_pipeline(root, args.checkpoints, unet)
         data = images(root, args.rows)
         results = {name: time_selection(base, folders, data, params, root / f"{name}.zarr")
                    for name, params in SELECTIONS.items()}
@@ -102,7 +104,7 @@ def main() -> None:
         print(f"{name:<10} {r['parameters']:>11,} {r['seconds_per_row']:>8.3f}"
               f" {results['all']['seconds_per_row'] / r['seconds_per_row']:>6.2f}x")
     print(f"lora vs all: {speedup:.2f}x per row (target >= 3x: {'met' if speedup >= 3 else 'missed'})")
-    report = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()}, "results": results,
+    report = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet.items()}, "results": results,
               "lora_speedup": speedup, "target": 3.0, "torch_threads": torch.get_num_threads(),
               "machine": platform.platform(), "processor": platform.processor() or platform.machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
