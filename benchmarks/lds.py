@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--objectives", default="dtrak,loss")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--leave-out", type=int, default=0, help="K: leave-K-out retrains too (evaluate lds --leave-out)")
+    p.add_argument("--leave-out-queries", type=int, default=LDSConfig.leave_out_queries)
     args = p.parse_args()
     start = time.perf_counter()
     out = Path(args.out)
@@ -62,7 +64,8 @@ def main() -> None:
     stores = [featurize(ckpts, train, out / f"{args.dataset}-{objective}.zarr",
                         replace(FeaturizeConfig(), objective=objective), progress=False)
               for objective in args.objectives.split(",")]
-    config = LDSConfig(subsets=args.subsets, workers=args.workers)
+    config = LDSConfig(subsets=args.subsets, workers=args.workers, leave_out=args.leave_out,
+                       leave_out_queries=args.leave_out_queries)
     report = evaluate_lds(stores, queries, out, config, progress=False)
     report["benchmark"] = {**vars(args), "wall_s": time.perf_counter() - start}
     (out / "lds.json").write_text(json.dumps(report, indent=1))
@@ -71,6 +74,14 @@ def main() -> None:
     for r in report["results"]:
         value = "-" if r["lds"] is None else f"{r['lds']:.3f}"
         print(f"{r['store']:<22} {r['method']:<8} {value:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+    if report["leave_out"] is not None:
+        lo = report["leave_out"]
+        print(f"leave-{lo['k']}-out, {lo['queries']} queries, {lo['retrains']} retrains ({lo['retrain_s']:.0f}s):"
+              " loss rise, top-K removed vs K random removed")
+        for name, r in lo["methods"].items():
+            print(f"{name:<28} {r['rise_top']:.4f} vs {r['rise_random']:.4f}: difference {r['difference']:.4f}"
+                  f" [{r['difference_ci95'][0]:.4f}, {r['difference_ci95'][1]:.4f}], top-K larger for"
+                  f" {r['share_top_larger']:.2f}")
     print(f"wall time {report['benchmark']['wall_s']:.0f}s (retraining {report['retrain_s']:.0f}s)")
 
 

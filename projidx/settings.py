@@ -237,7 +237,10 @@ class LDSConfig:
     """``projidx evaluate lds``: ``subsets`` M random subsets of round(``alpha`` N) training rows (seeded by
     ``seed``), each retrained on; the output measured per query is the diffusion loss of the retrained model's last
     checkpoint averaged over ``output_timesteps`` (a midpoint grid) and ``output_draws`` fixed noises; ``workers``
-    retrains run at once (processes)."""
+    retrains run at once (processes). ``leave_out`` K > 0 adds leave-K-out retrains for the first
+    ``leave_out_queries`` queries: each query's top-K rows under each of ``leave_out_methods`` (every store that
+    scores it) removed, K random rows removed, and the full data (1 + Q + Q x stores x methods retrains at most;
+    equal removal sets share one)."""
 
     subsets: int = 32
     alpha: float = 0.5
@@ -245,8 +248,16 @@ class LDSConfig:
     output_timesteps: int = 10
     output_draws: int = 4
     workers: int = 1
+    leave_out: int = 0
+    leave_out_queries: int = 8
+    leave_out_methods: tuple[str, ...] = ("matched", "dtrak")
 
     def __post_init__(self) -> None:
-        require_at_least(self, ("output_timesteps", "output_draws", "workers"), 1)
+        require_at_least(self, ("output_timesteps", "output_draws", "workers", "leave_out_queries"), 1)
+        require_at_least(self, ("leave_out",), 0)
+        unknown = [m for m in self.leave_out_methods if m not in METHODS]
+        if unknown or not self.leave_out_methods:
+            raise ProjidxError(f"leave_out_methods must name methods of {', '.join(METHODS)}, got"
+                               f" {','.join(self.leave_out_methods) or 'none'}")
         require_at_least(self, ("subsets",), 3)  # a rank correlation over fewer is meaningless
         require_fraction(self, "alpha")

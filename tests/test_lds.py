@@ -12,7 +12,14 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from projidx.analysis.lds import bootstrap_interval, lds_per_query, subset_masks
+from projidx.analysis.lds import (
+    bootstrap_interval,
+    lds_per_query,
+    leave_out_summary,
+    random_rows,
+    subset_masks,
+    top_rows,
+)
 from projidx.cli.main import main
 from projidx.errors import ProjidxError
 from tests.test_cli import assert_clean_error
@@ -73,6 +80,55 @@ def _lds(d, out, *extra):
     return CliRunner().invoke(main, ["evaluate", "lds", "--store", str(d / "dtrak.zarr"), "--store",
                                      str(d / "loss.zarr"), "--queries", str(d / "queries.npz"), "--out", str(out),
                                      "--subsets", "4", "--output-timesteps", "2", "--output-draws", "1", *extra])
+
+
+def test_leave_out_rows_and_summary_against_a_by_hand_reference():
+    scores = np.array([[0.1, 0.9, 0.5, 0.9, -1.0], [3.0, 2.0, 1.0, 0.0, -1.0]])
+    np.testing.assert_array_equal(top_rows(scores, 2), [[1, 3], [0, 1]])  # a tie at 0.9: both in, sorted
+    rand = random_rows(50, 4, 5, seed=3)
+    assert rand.shape == (4, 5) and all(len(set(r)) == 5 and (np.diff(r) > 0).all() for r in rand)
+    np.testing.assert_array_equal(rand, random_rows(50, 4, 5, seed=3))
+    assert not np.array_equal(rand, random_rows(50, 4, 5, seed=4))
+    top, rnd = np.array([0.3, 0.1, 0.5, 0.0]), np.array([0.1, 0.2, 0.1, 0.0])
+    s = leave_out_summary(top, rnd, seed=0)
+    assert s["rise_top"] == pytest.approx(0.225) and s["rise_random"] == pytest.approx(0.1)
+    assert s["difference"] == pytest.approx(0.125) and s["share_top_larger"] == pytest.approx(0.5)
+    assert s["difference_ci95"][0] <= 0.125 <= s["difference_ci95"][1]
+    for k in (0, 5):
+        with pytest.raises(ProjidxError, match="leave_out must"):
+            top_rows(scores, k)
+
+
+def test_evaluate_lds_leave_out_removes_the_top_rows_and_reuses_its_retrains(lds_setup, tmp_path, monkeypatch):
+    from projidx.reports import evaluation
+
+    out = tmp_path / "lo"
+    args = ("--leave-out", "3", "--leave-out-queries", "2", "--leave-out-methods", "matched,dtrak")
+    first = _lds(lds_setup, out, *args)
+    assert first.exit_code == 0, first.output
+    lo = json.loads((out / "lds.json").read_text())["leave_out"]
+    assert lo["k"] == 3 and lo["queries"] == 2 and (out / "leave_out.png").stat().st_size > 1000
+    assert set(lo["methods"]) == {"dtrak.zarr/matched", "dtrak.zarr/dtrak", "loss.zarr/matched", "loss.zarr/dtrak"}
+    folders = sorted((out / "leave_out").iterdir())
+    assert len(folders) == lo["retrains"] <= 1 + 2 + 2 * 4
+    kept = {tuple(json.loads((f / "subset.json").read_text())["rows"]) for f in folders}
+    for name, r in lo["methods"].items():
+        for removed in r["removed"]:  # each removal set was retrained on exactly the other 21 rows
+            assert len(removed) == 3 and tuple(sorted(set(range(24)) - set(removed))) in kept, name
+        assert len(r["rise"]) == 2 and r["difference"] == pytest.approx(np.mean(r["rise"]) - np.mean(lo["rise_random"]))
+    assert tuple(range(24)) in kept  # the full-data model
+    calls = []
+    monkeypatch.setattr(evaluation, "_retrain", lambda job: calls.append(job) or None)
+    again = _lds(lds_setup, out, *args)  # every retrain finished: none is redone
+    assert again.exit_code == 0, again.output
+    assert calls == []
+    assert json.loads((out / "lds.json").read_text())["leave_out"]["methods"] == lo["methods"]
+
+
+@pytest.mark.parametrize("k", ["24", "-1"])
+def test_evaluate_lds_refuses_a_bad_leave_out_in_one_line(lds_setup, tmp_path, k):
+    assert_clean_error(_lds(lds_setup, tmp_path / "badk", "--leave-out", k), "--leave-out must")
+    assert not (tmp_path / "badk").exists()
 
 
 def test_evaluate_lds_reports_every_method_and_resumes(lds_setup, tmp_path):

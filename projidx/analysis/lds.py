@@ -7,6 +7,11 @@ subsets between that sum and minus the retrained model's loss on q. The score re
 with a bootstrap 95% interval over queries.
 
 Shapes: masks (M, N) bool; scores (Q, N); outputs (M, Q) (each retrained model's loss on each query).
+
+Leave-K-out (D-TRAK's and DAS's second counterfactual check): for each query, its K highest-scored rows are removed
+and the model retrained; so are K seeded random rows. A method is right when removing its top-K raises the query's
+loss more than removing K random rows does: the report is each query's rise (removed minus full-data loss) under
+both, their paired difference with a bootstrap interval, and the share of queries where the top-K rise is larger.
 """
 
 from __future__ import annotations
@@ -53,3 +58,32 @@ def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0)
     rng = np.random.default_rng(derive_seed("lds-bootstrap", seed))
     means = rng.choice(finite, size=(resamples, len(finite))).mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) int64 the k highest-scored rows of each query's (Q, N) ``scores``, sorted by row (a removal set; ties
+    broken by the lower row)."""
+    if not 0 < k < scores.shape[1]:
+        raise ProjidxError(f"leave_out must be in [1, {scores.shape[1] - 1}] (rows - 1), got {k}")
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.sort(order, axis=1)
+
+
+def random_rows(n: int, queries: int, k: int, seed: int) -> np.ndarray:
+    """(queries, k) int64 k seeded random rows of n for each query, sorted by row (the baseline removal sets)."""
+    if not 0 < k < n:
+        raise ProjidxError(f"leave_out must be in [1, {n - 1}] (rows - 1), got {k}")
+    rng = np.random.default_rng(derive_seed("leave-out-random", seed, n, queries, k))
+    return np.stack([np.sort(rng.choice(n, size=k, replace=False)) for _ in range(queries)])
+
+
+def leave_out_summary(rise_top: np.ndarray, rise_random: np.ndarray, seed: int = 0) -> dict:
+    """The leave-K-out report of one method from each query's loss rise (Q,) when its top-K rows are removed and when
+    K random rows are: their means, the mean paired difference (top minus random) with its bootstrap 95% interval,
+    and the share of queries where removing the top-K raises the loss more."""
+    if rise_top.shape != rise_random.shape:
+        raise ProjidxError(f"leave-out shapes disagree: {rise_top.shape} vs {rise_random.shape}")
+    diff = rise_top - rise_random
+    return {"rise_top": float(rise_top.mean()), "rise_random": float(rise_random.mean()),
+            "difference": float(diff.mean()), "difference_ci95": list(bootstrap_interval(diff, seed=seed)),
+            "share_top_larger": float((diff > 0).mean()), "queries": len(diff)}

@@ -879,30 +879,51 @@ LDS = LDSConfig()
 @click.option("--output-draws", default=LDS.output_draws, show_default=True, type=int,
               help="Fixed noises per timestep the loss is averaged over.")
 @click.option("--workers", default=LDS.workers, show_default=True, type=int, help="Retrains run at once (processes).")
+@click.option("--leave-out", default=LDS.leave_out, show_default=True, type=int,
+              help="K > 0: also retrain without each query's top-K rows (per --leave-out-methods) and without K random"
+                   " rows, and report the loss rise of each (0: off).")
+@click.option("--leave-out-queries", default=LDS.leave_out_queries, show_default=True, type=int,
+              help="The first N queries get leave-K-out retrains (1 + N + N x stores x methods retrains at most).")
+@click.option("--leave-out-methods", default=",".join(LDS.leave_out_methods), show_default=True,
+              help="Methods whose top-K rows are removed, comma-separated.")
 @click.option("--train-command", default=None,
               help="Retrain with your own command: a template with {subset_file} (an .npz of the subset's images,"
                    " ids and labels) and {out} (a folder to fill with checkpoints). Default: projidx train's recipe"
                    " recorded with the store's checkpoints.")
 @data_options
 @_fail_cleanly
-def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, output_draws, workers, train_command,
-                 data_flags) -> None:
+def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, output_draws, workers, leave_out,
+                 leave_out_queries, leave_out_methods, train_command, data_flags) -> None:
     """Retrain on random subsets of a store's training rows and report how well each method's scores predict the
     change of the queries' loss (the linear datamodeling score)."""
     from projidx.reports.evaluation import evaluate_lds as run
     from projidx.store.feature_store import FeatureStore
 
     config = _flags(LDSConfig, subsets=subsets, alpha=alpha, seed=seed, output_timesteps=output_timesteps,
-                    output_draws=output_draws, workers=workers)
+                    output_draws=output_draws, workers=workers, leave_out=leave_out,
+                    leave_out_queries=leave_out_queries,
+                    leave_out_methods=tuple(m.strip() for m in leave_out_methods.split(",") if m.strip()))
     opened = [FeatureStore.open(s) for s in stores]
     images = _data(queries, data_flags)
-    report = run(opened, images, Path(out), config, train_command)
+    try:
+        report = run(opened, images, Path(out), config, train_command)
+    except ProjidxError as e:
+        raise ProjidxError(str(e).replace("leave_out must", "--leave-out must")) from None
     click.echo(f"LDS over {config.subsets} retrains of {report['n_train']} rows, {report['queries']} queries"
                f" (retraining {report['retrain_s']:.0f}s this run)")
     click.echo(f"{'store':<28} {'method':<8} {'LDS':>7}  95% interval")
     for r in report["results"]:
         value = "-" if r["lds"] is None else f"{r['lds']:.3f}"
         click.echo(f"{r['store']:<28} {r['method']:<8} {value:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+    lo = report["leave_out"]
+    if lo is not None:
+        click.echo(f"leave-{lo['k']}-out on {lo['queries']} queries ({lo['retrains']} retrains): loss rise when the"
+                   " top-K rows are removed vs K random rows")
+        click.echo(f"{'store/method':<36} {'top-K':>8} {'random':>8} {'difference':>10}  95% interval  top-K larger")
+        for name, r in lo["methods"].items():
+            click.echo(f"{name:<36} {r['rise_top']:>8.4f} {r['rise_random']:>8.4f} {r['difference']:>10.4f}"
+                       f"  [{r['difference_ci95'][0]:.4f}, {r['difference_ci95'][1]:.4f}]"
+                       f"  {r['share_top_larger']:.2f}")
     click.echo(f"wrote {Path(out) / 'lds.json'} and {Path(out) / 'lds.png'}")
 
 

@@ -273,9 +273,9 @@ def _retrain(job: dict) -> np.ndarray:
 
 def retrained_outputs(train: ImageSet, masks: np.ndarray, queries: ImageSet, out: Path, config: LDSConfig,
                       recipe: TrainConfig | None, command: str | None, T: int,
-                      progress: bool = True) -> tuple[np.ndarray, float]:
+                      progress: bool = True, plan: str = "retrains") -> tuple[np.ndarray, float]:
     """(M, Q) each subset's retrained model's outputs on the queries, and the seconds spent retraining. Resumable:
-    OUT/retrains/NNN/ keeps each subset, its model and its outputs (named by the query set and output settings);
+    OUT/``plan``/NNN/ keeps each subset, its model and its outputs (named by the query set and output settings);
     a folder whose subset differs is cleared, finished models and outputs are reused. ``T``: the model's diffusion
     timesteps (the output grid's range)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -285,7 +285,7 @@ def retrained_outputs(train: ImageSet, masks: np.ndarray, queries: ImageSet, out
     key = hashlib.sha256(json.dumps([queries.fingerprint(), timesteps, config.output_draws]).encode()).hexdigest()[:12]
     jobs, outputs = [], {}
     for m, mask in enumerate(masks):
-        folder = out / "retrains" / f"{m:03d}"
+        folder = out / plan / f"{m:03d}"
         rows = np.flatnonzero(mask)
         subset = train.subset(rows)
         digest = hashlib.sha256(subset.fingerprint().encode() + repr((recipe, command)).encode()).hexdigest()
@@ -305,7 +305,7 @@ def retrained_outputs(train: ImageSet, masks: np.ndarray, queries: ImageSet, out
                          "timesteps": timesteps, "draws": config.output_draws, "outputs": f"outputs-{key}.npy",
                          "threads": max(1, (os.cpu_count() or 1) // config.workers)}))
     start = time.perf_counter()
-    bar = tqdm(total=len(masks), initial=len(outputs), desc="retrain", unit="model", disable=not progress)
+    bar = tqdm(total=len(masks), initial=len(outputs), desc=plan, unit="model", disable=not progress)
     if config.workers == 1 or len(jobs) <= 1:
         for m, job in jobs:
             outputs[m] = _retrain(job)
@@ -329,17 +329,54 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def leave_out(train: ImageSet, queries: ImageSet, scores: dict[tuple[str, str], np.ndarray], out: Path,
+              config: LDSConfig, recipe: TrainConfig | None, command: str | None, T: int,
+              progress: bool = True) -> dict:
+    """The leave-K-out part of ``evaluate lds`` (:mod:`projidx.analysis.lds`): for the first
+    ``config.leave_out_queries`` queries, retrain without each one's top-K rows under every (store, method) of
+    ``config.leave_out_methods`` in ``scores`` ({(store, method): (Q, N)}), without K random rows, and on all rows;
+    equal removal sets share one retrain (OUT/leave_out/NNN, resumable like the LDS retrains). Returns the plan's
+    size, each method's :func:`leave_out_summary` and the removed rows."""
+    from projidx.analysis.lds import leave_out_summary, random_rows, top_rows
+
+    q = min(config.leave_out_queries, len(queries))
+    picked = queries.subset(slice(0, q))
+    removals: dict[str, np.ndarray] = {"random": random_rows(len(train), q, config.leave_out, config.seed)}
+    for (store, method), s in scores.items():
+        if method in config.leave_out_methods:
+            removals[f"{store}/{method}"] = top_rows(s[:q], config.leave_out)
+    sets = [()] + sorted({tuple(r.tolist()) for rows in removals.values() for r in rows})  # () = all rows
+    position = {s: i for i, s in enumerate(sets)}
+    masks = np.ones((len(sets), len(train)), dtype=bool)
+    for i, s in enumerate(sets):
+        masks[i, list(s)] = False
+    outputs, retrain_s = retrained_outputs(train, masks, picked, out, config, recipe, command, T, progress,
+                                           plan="leave_out")
+
+    def rise(rows: np.ndarray) -> np.ndarray:  # (q,) each query's loss without its rows minus with all rows
+        return np.array([outputs[position[tuple(r.tolist())], j] - outputs[0, j] for j, r in enumerate(rows)])
+
+    baseline = rise(removals["random"])
+    return {"k": config.leave_out, "queries": q, "retrains": len(sets), "retrain_s": retrain_s,
+            "full_loss": outputs[0].tolist(), "rise_random": baseline.tolist(),
+            "methods": {name: {**leave_out_summary(rise(rows), baseline, config.seed), "rise": rise(rows).tolist(),
+                               "removed": rows.tolist()}
+                        for name, rows in removals.items() if name != "random"}}
+
+
 def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path, config: LDSConfig = LDSConfig(),
                  train_command: str | None = None, progress: bool = True) -> dict:
     """LDS of every method each store scores, on the same M retrains (:mod:`projidx.analysis.lds`). All stores
     must hold the same training rows; the model retrained is the first store's (its recipe, or ``train_command``).
-    Writes OUT/lds.json and OUT/lds.png; returns the report."""
+    Writes OUT/lds.json and OUT/lds.png (and, with ``config.leave_out``, OUT/leave_out.png); returns the report."""
     from projidx.analysis.lds import bootstrap_interval, lds_per_query, subset_masks
     from projidx.search.attribution import store_checkpoints, store_dataset
 
+    first = stores[0]
+    if config.leave_out >= first.meta.n:
+        raise ProjidxError(f"leave_out must be below the store's {first.meta.n} training rows, got {config.leave_out}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    first = stores[0]
     for other in stores[1:]:
         if other.meta.dataset_fingerprint != first.meta.dataset_fingerprint:
             raise ProjidxError(f"store {other.path} holds other training rows than {first.path}: LDS compares methods"
@@ -353,13 +390,14 @@ def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path,
     masks = subset_masks(len(train), config.subsets, config.alpha, config.seed)
     outputs, retrain_s = retrained_outputs(train, masks, queries, out, config, recipe, train_command,
                                            ckpts.schedule.T, progress)
-    rows, per_query = [], {}
+    rows, per_query, scores = [], {}, {}
     for store in stores:
         store_ckpts = store_checkpoints(store)
         qf = featurize_queries(store, store_ckpts, queries, progress=progress)
         label = store.path.name
         for method in scorable_methods(store):
-            values = lds_per_query(exact_scores(store, query_vectors(store, qf, method), method), masks, outputs)
+            scores[label, method] = exact_scores(store, query_vectors(store, qf, method), method)
+            values = lds_per_query(scores[label, method], masks, outputs)
             lo, hi = bootstrap_interval(values, seed=config.seed)
             rows.append({"store": label, "objective": store.meta.objective, "method": method,
                          "lds": float(np.nanmean(values)) if np.isfinite(values).any() else None, "ci95": [lo, hi]})
@@ -368,9 +406,13 @@ def evaluate_lds(stores: list[FeatureStore], queries: ImageSet, out: str | Path,
               "queries": len(queries), "output": {"timesteps": config.output_timesteps, "draws": config.output_draws,
                                                   "seed": OUTPUT_SEED, "what": "diffusion loss, last checkpoint"},
               "results": rows, "per_query": per_query, "retrain_s": retrain_s,
+              "leave_out": leave_out(train, queries, scores, out, config, recipe, train_command, ckpts.schedule.T,
+                                     progress) if config.leave_out else None,
               "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"}
     write_text_atomic(out / "lds.json", json.dumps(report, indent=1))
-    from projidx.reports.viz import lds_plot
+    from projidx.reports.viz import lds_plot, leave_out_plot
 
     lds_plot(out / "lds.png", rows)
+    if report["leave_out"] is not None:
+        leave_out_plot(out / "leave_out.png", report["leave_out"])
     return report

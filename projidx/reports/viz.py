@@ -170,3 +170,22 @@ def lds_plot(path: str | Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def leave_out_plot(path: str | Path, report: dict) -> None:
+    """Write a PNG: per method, the mean rise of the queries' loss when their top-K rows are removed minus when K
+    random rows are, with its 95% interval (``report``: the ``leave_out`` section of lds.json)."""
+    names = list(report["methods"])
+    values = np.array([report["methods"][n]["difference"] for n in names])
+    low = values - np.array([report["methods"][n]["difference_ci95"][0] for n in names])
+    high = np.array([report["methods"][n]["difference_ci95"][1] for n in names]) - values
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(names) + 1.5), 3.6))
+    x = np.arange(len(names))
+    ax.bar(x, values, yerr=np.stack([low, high]), capsize=3, color="#55a868")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("loss rise: top-K removed - random K removed")
+    ax.set_title(f"Leave-{report['k']}-out, {report['queries']} queries, 95% bootstrap intervals", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
