@@ -98,3 +98,34 @@ def test_params_on_the_cli(tmp_path, tiny_ckpt_dir, tiny_data: ImageSet):
     assert_clean_error(run("featurize", *common, "--store", tmp_path / "none.zarr", "--params", "attn*", ok=False),
                        "--params must select a parameter", "'attn*' matches none")
     assert not (tmp_path / "none.zarr").exists()
+
+
+def test_a_store_written_before_params_were_recorded_resumes_and_answers(tmp_path, tiny_ckpts, tiny_data,
+                                                                         monkeypatch):
+    """Stores without a ``params`` record attributed every parameter: resumed with --params all (the default for
+    a full model) they are the same store, never refused as another selection; a glob is refused."""
+    from dataclasses import replace
+
+    from projidx.features import featurization
+    from projidx.features.featurization import featurize, featurize_queries
+    from projidx.search.scoring import exact_topk, query_vectors
+
+    real = featurization._store_meta
+    monkeypatch.setattr(featurization, "_store_meta", lambda *a: replace(real(*a), params={}))
+    data = tiny_data.subset(slice(0, 12))
+    config = FeaturizeConfig(proj_dim=32, timesteps=2, chunk_rows=6)
+    old = featurize(tiny_ckpts, data.subset(slice(0, 6)), tmp_path / "old.zarr", replace(config), progress=False,
+                    allow_other_data=True)
+    assert old.meta.params == {}
+    monkeypatch.setattr(featurization, "_store_meta", real)
+    store = featurize(tiny_ckpts, data.subset(slice(0, 6)), tmp_path / "old.zarr", config, progress=False,
+                      allow_other_data=True)
+    _, top = exact_topk(store, query_vectors(store, featurize_queries(store, tiny_ckpts, data.subset(slice(0, 2)),
+                                                                      progress=False), "matched"), "matched", 1)
+    assert top[:, 0].tolist() == data.ids[:2].tolist()
+    try:
+        with pytest.raises(ProjidxError, match="parameter selection"):
+            featurize(tiny_ckpts, data.subset(slice(0, 6)), tmp_path / "old.zarr",
+                      replace(config, params="time_mlp.*"), progress=False, allow_other_data=True)
+    finally:
+        select_parameters(tiny_ckpts.model, "all")  # the fixture's model is shared: unfreeze it again

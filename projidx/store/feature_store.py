@@ -199,12 +199,20 @@ class StoreMeta:
         differ = []
         for attr, label in names.items():
             mine, theirs = getattr(self, attr), getattr(other, attr)
+            if attr == "params" and _selection(mine) == _selection(theirs):
+                continue  # a store from before selections were recorded attributed every parameter: "all"
             if mine != theirs:
                 if attr == "params":  # named by its patterns, not its digest
                     mine, theirs = mine.get("patterns", "all"), theirs.get("patterns", "all")
                 values = f" (store: {mine}, given: {theirs})"
                 differ.append(label + (values if len(values) <= 80 else ""))
         return ", ".join(differ) or None
+
+
+def _selection(params: dict) -> dict | str:
+    """A recorded parameter selection, with "all" (or none recorded: stores written before ``--params``) as "all";
+    the model fingerprint compares the parameters themselves."""
+    return "all" if params.get("patterns", "all") == "all" else params
 
 
 def _array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill) -> None:
