@@ -1,0 +1,260 @@
+"""Ground truth for latent text-to-image LoRA fine-tunes: the AbC protocol (Wang et al. 2023) in miniature.
+
+A tiny Stable-Diffusion-style pipeline is built here from configs (nothing downloads): an ``AutoencoderKL`` trained
+briefly for reconstruction (16x16 RGB -> 4x8x8 latents), a CLIP text encoder over letters, a
+``UNet2DConditionModel`` pretrained on a base set (``--base-rows`` photo patches, caption "a photo"). Each concept
+is a few exemplar images of a pattern the base set lacks (coloured checkerboards, coloured rings) with its own
+caption ("a photo of sks", "a photo of zqv"); the pretrained UNet is LoRA-fine-tuned on them (peft ``LoraConfig``
+on to_q, to_k, to_v, to_out.0; two checkpoints saved as diffusers saves LoRA weights). Images generated with the
+concept's caption (``projidx sample --prompt``) are attributed over base + exemplar rows through the adapter
+(``--params`` auto: lora), every method the store scores, beside pixel and latent nearest neighbours. Reported per
+concept and method: exemplar recall@10 (the share of the exemplars in the top-10, mean over generations), hit@10
+(at least one exemplar in the top-10) and the mean rank of the best exemplar. ``projidx validate`` runs on the
+pretrained (full-UNet) store of the base rows.
+
+    python benchmarks/customization.py --out bench-out/customization     # ~15 min on 2 cores, models cached in OUT
+
+Prints a table, writes OUT/customization.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from projidx.data.datasets import load_dataset
+from projidx.features.featurization import featurize, featurize_queries
+from projidx.models.checkpoints import load_checkpoints
+from projidx.reports.validate import validate_store
+from projidx.search.scoring import exact_topk, query_vectors, scorable_methods
+from projidx.settings import FeaturizeConfig
+
+SIZE, WIDTH, TOKENS = 16, 32, 16
+CONCEPTS = {"checker": "a photo of sks", "ring": "a photo of zqv"}
+BASE_CAPTION = "a photo"
+
+
+def tokenizer(folder: Path):
+    """A CLIP tokenizer over single letters and a space-separated word end (no merges), written to ``folder``."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      model_max_length=TOKENS)
+
+
+def concept_images(kind: str, n: int, seed: int) -> np.ndarray:
+    """(n, 16, 16, 3) uint8 exemplars of a concept: checkerboards or concentric rings, each in its own colours."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    out = []
+    for _ in range(n):
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if kind == "checker":
+            cell = int(rng.integers(2, 5))
+            mask = ((yy // cell + xx // cell) % 2).astype(bool)
+        else:
+            r = np.hypot(yy - 7.5 + rng.uniform(-1, 1), xx - 7.5 + rng.uniform(-1, 1))
+            mask = (r // int(rng.integers(2, 4)) % 2).astype(bool)
+        out.append(np.where(mask[..., None], a, b).astype(np.uint8))
+    return np.stack(out)
+
+
+def write_folder(folder: Path, images: np.ndarray, captions: list[str]) -> Path:
+    """PNG files plus metadata.jsonl (file_name, text): an image folder with captions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (x, text) in enumerate(zip(images, captions, strict=True)):
+        Image.fromarray(x).save(folder / f"img_{i:04d}.png")
+        lines.append(json.dumps({"file_name": f"img_{i:04d}.png", "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def encode_text(tok, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tok(captions, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int) -> Path:
+    """The base pipeline folder: a VAE trained for reconstruction, then the UNet trained on its latents."""
+    import diffusers
+    import transformers
+
+    folder = root / "base"
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    tok = tokenizer(root / "tokenizer-files")
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=SIZE)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    for _ in range(steps):
+        x = pixels[torch.randint(0, len(pixels), (32,))]
+        posterior = vae.encode(x).latent_dist
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval().requires_grad_(False)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval().requires_grad_(False)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=WIDTH, norm_num_groups=16, attention_head_dim=8)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        states = encode_text(tok, text_encoder, captions)
+    diffusion_steps(unet, scheduler, latents, states, steps, lr=1e-3)
+    diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def diffusion_steps(unet, scheduler, latents: torch.Tensor, states: torch.Tensor, steps: int, lr: float,
+                    params=None) -> None:
+    """``steps`` Adam steps of the epsilon-prediction loss on (latents, encoder states) batches of 32."""
+    optimizer = torch.optim.Adam(params if params is not None else unet.parameters(), lr=lr)
+    abar = scheduler.alphas_cumprod.float()
+    unet.train()
+    for _ in range(steps):
+        i = torch.randint(0, len(latents), (32,))
+        t = torch.randint(0, len(abar), (32,))
+        eps = torch.randn_like(latents[i])
+        a = abar[t].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * latents[i] + (1 - a).sqrt() * eps, t, encoder_hidden_states=states[i]).sample
+        loss = torch.nn.functional.mse_loss(pred, eps)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+
+
+def fine_tune(base: Path, out: Path, exemplars: torch.Tensor, caption: str, steps: int) -> list[Path]:
+    """Two LoRA checkpoints (after steps/2 and steps) of the base UNet on the exemplars, saved as diffusers does."""
+    import diffusers
+    import peft
+
+    folders = [out / f"lora-{c}" for c in (1, 2)]
+    if all((f / "pytorch_lora_weights.safetensors").is_file() for f in folders):
+        return folders
+    torch.manual_seed(1)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(base)
+    unet = pipe.unet
+    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    with torch.no_grad():
+        latents = pipe.vae.encode(exemplars).latent_dist.mean * pipe.vae.config.scaling_factor
+        states = encode_text(pipe.tokenizer, pipe.text_encoder, [caption] * len(exemplars))
+    adapter = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for folder in folders:
+        diffusion_steps(unet, pipe.scheduler, latents, states, steps // 2, lr=1e-3, params=adapter)
+        diffusers.StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=peft.get_peft_model_state_dict(unet), unet_lora_adapter_metadata=config.to_dict())
+    return folders
+
+
+def ranks_of(top: np.ndarray, exemplar_rows: np.ndarray, k: int) -> dict:
+    """recall@k, hit@k and the mean rank of the best exemplar (k where none is in the list) of rankings (G, >= k)."""
+    inside = np.isin(top[:, :k], exemplar_rows)
+    best = np.where(inside.any(axis=1), inside.argmax(axis=1), k)
+    return {"recall_at_10": float(inside.sum(axis=1).mean() / len(exemplar_rows)),
+            "hit_at_10": float(inside.any(axis=1).mean()), "best_rank": float(best.mean())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-out/customization")
+    p.add_argument("--base-rows", type=int, default=300)
+    p.add_argument("--exemplars", type=int, default=5)
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--tune-steps", type=int, default=400)
+    p.add_argument("--generate", type=int, default=16)
+    p.add_argument("--validate-samples", type=int, default=16)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    start = time.perf_counter()
+    photos = load_dataset("photos").subset(slice(0, args.base_rows)).images
+    base_u8 = ((photos.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    concepts = {k: concept_images(k, args.exemplars, seed=i) for i, k in enumerate(CONCEPTS)}
+    everything = np.concatenate([base_u8, *concepts.values()])
+    pixels = torch.from_numpy(everything).permute(0, 3, 1, 2).float() / 127.5 - 1
+    base = pretrain(out, pixels[: args.base_rows], [BASE_CAPTION] * args.base_rows, args.pretrain_steps)
+    report = {"settings": vars(args), "concepts": {}}
+    base_folder = write_folder(out / "data-base", base_u8, [BASE_CAPTION] * args.base_rows)
+    base_store = featurize(load_checkpoints([base]), load_dataset(str(base_folder)), out / "base.zarr",
+                           FeaturizeConfig(), progress=False)
+    report["validate"] = validate_store(base_store, load_checkpoints([base]), load_dataset(str(base_folder)),
+                                        samples=args.validate_samples)["methods"]
+    for kind, caption in CONCEPTS.items():
+        rows = np.concatenate([base_u8, concepts[kind]])
+        data_folder = write_folder(out / f"data-{kind}", rows,
+                                   [BASE_CAPTION] * args.base_rows + [caption] * args.exemplars)
+        exemplars = torch.from_numpy(concepts[kind]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        loras = fine_tune(base, out / kind, exemplars, caption, args.tune_steps)
+        gen_folder = out / kind / "generated"
+        if not (gen_folder / "metadata.jsonl").is_file():
+            from click.testing import CliRunner
+
+            from projidx.cli.main import main as cli
+
+            result = CliRunner().invoke(cli, ["sample", "--checkpoints", str(loras[-1]), "--base", str(base),
+                                              "--prompt", caption, "--n", str(args.generate), "--out",
+                                              str(gen_folder)])
+            if result.exit_code != 0:
+                sys.exit(f"sample failed: {result.output}")
+        ckpts = load_checkpoints([str(f) for f in loras], None, base)
+        train = load_dataset(str(data_folder))
+        store = featurize(ckpts, train, out / kind / "store.zarr", FeaturizeConfig(), progress=False)
+        generated = load_dataset(str(gen_folder))
+        qf = featurize_queries(store, ckpts, generated, progress=False)
+        exemplar_rows = np.arange(args.base_rows, args.base_rows + args.exemplars)
+        ids = store.ids()
+        methods = {}
+        for method in scorable_methods(store):
+            _, top = exact_topk(store, query_vectors(store, qf, method), method, 10)
+            methods[method] = ranks_of(np.searchsorted(ids, top), exemplar_rows, 10)
+        gen = generated.images.flatten(1)
+        methods["pixel"] = ranks_of(torch.topk(-torch.cdist(gen, train.images.flatten(1)), 10).indices.numpy(),
+                                    exemplar_rows, 10)
+        vae = ckpts.frozen.vae
+        with torch.no_grad():
+            z_gen = vae.encode(generated.images).latent_dist.mean.flatten(1)
+            z_train = vae.encode(train.images).latent_dist.mean.flatten(1)
+        methods["latent"] = ranks_of(torch.topk(-torch.cdist(z_gen, z_train), 10).indices.numpy(), exemplar_rows, 10)
+        report["concepts"][kind] = {"caption": caption, "store_dim": store.meta.projector.proj_dim,
+                                    "params": store.meta.params, "methods": methods}
+    report["wall_s"] = time.perf_counter() - start
+    (out / "customization.json").write_text(json.dumps(report, indent=1))
+    print(f"{'concept':<8} {'method':<8} {'recall@10':>9} {'hit@10':>7} {'best rank':>9}")
+    for kind, c in report["concepts"].items():
+        for method, r in c["methods"].items():
+            print(f"{kind:<8} {method:<8} {r['recall_at_10']:>9.2f} {r['hit_at_10']:>7.2f} {r['best_rank']:>9.2f}")
+    for method, checks in report["validate"].items():
+        print(f"validate (base store) {method}: " + ", ".join(f"{name} top-1 {c['top1']:.2f} top-10 {c['top10']:.2f}"
+                                                           for name, c in checks.items()))
+    print(f"wall time {report['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
