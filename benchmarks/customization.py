@@ -2,7 +2,8 @@
 
 A tiny Stable-Diffusion-style pipeline is built here from configs (nothing downloads): an ``AutoencoderKL`` trained
 briefly for reconstruction (16x16 RGB -> 4x8x8 latents), a CLIP text encoder over letters, a
-``UNet2DConditionModel`` pretrained on a base set (``--base-rows`` photo patches, caption "a photo"). Each concept
+``UNet2DConditionModel`` pretrained on a base set (``--base-rows`` photo patches, captions "a photo of <two words>"
+from a pool; ``--single-caption``: all "a photo", the first run's setting). Each concept
 is a few exemplar images of a pattern the base set lacks (coloured checkerboards, coloured rings) with its own
 caption ("a photo of sks", "a photo of zqv"); the pretrained UNet is LoRA-fine-tuned on them (peft ``LoraConfig``
 on to_q, to_k, to_v, to_out.0; two checkpoints saved as diffusers saves LoRA weights). Images generated with the
@@ -36,9 +37,19 @@ from projidx.reports.validate import validate_store
 from projidx.search.scoring import exact_topk, query_vectors, scorable_methods
 from projidx.settings import FeaturizeConfig
 
-SIZE, WIDTH, TOKENS = 16, 32, 16
+SIZE, WIDTH, TOKENS = 16, 32, 32
 CONCEPTS = {"checker": "a photo of sks", "ring": "a photo of zqv"}
 BASE_CAPTION = "a photo"
+BASE_WORDS = ("red", "blue", "green", "cat", "dog", "tree", "sky", "road", "house", "field")
+
+
+def base_captions(n: int, varied: bool) -> list[str]:
+    """Captions of the n base rows: one shared caption, or "a photo of <word> <word>" from a fixed pool (varied: the
+    concepts' captions are then not the only ones that differ)."""
+    if not varied:
+        return [BASE_CAPTION] * n
+    k = len(BASE_WORDS)
+    return [f"a photo of {BASE_WORDS[i % k]} {BASE_WORDS[(i // k + 3) % k]}" for i in range(n)]
 
 
 def tokenizer(folder: Path):
@@ -190,6 +201,7 @@ def main() -> None:
     p.add_argument("--tune-steps", type=int, default=400)
     p.add_argument("--generate", type=int, default=16)
     p.add_argument("--validate-samples", type=int, default=16)
+    p.add_argument("--single-caption", action="store_true", help="every base row captioned 'a photo'")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -199,17 +211,17 @@ def main() -> None:
     concepts = {k: concept_images(k, args.exemplars, seed=i) for i, k in enumerate(CONCEPTS)}
     everything = np.concatenate([base_u8, *concepts.values()])
     pixels = torch.from_numpy(everything).permute(0, 3, 1, 2).float() / 127.5 - 1
-    base = pretrain(out, pixels[: args.base_rows], [BASE_CAPTION] * args.base_rows, args.pretrain_steps)
+    captions = base_captions(args.base_rows, not args.single_caption)
+    base = pretrain(out, pixels[: args.base_rows], captions, args.pretrain_steps)
     report = {"settings": vars(args), "concepts": {}}
-    base_folder = write_folder(out / "data-base", base_u8, [BASE_CAPTION] * args.base_rows)
+    base_folder = write_folder(out / "data-base", base_u8, captions)
     base_store = featurize(load_checkpoints([base]), load_dataset(str(base_folder)), out / "base.zarr",
                            FeaturizeConfig(), progress=False)
     report["validate"] = validate_store(base_store, load_checkpoints([base]), load_dataset(str(base_folder)),
                                         samples=args.validate_samples)["methods"]
     for kind, caption in CONCEPTS.items():
         rows = np.concatenate([base_u8, concepts[kind]])
-        data_folder = write_folder(out / f"data-{kind}", rows,
-                                   [BASE_CAPTION] * args.base_rows + [caption] * args.exemplars)
+        data_folder = write_folder(out / f"data-{kind}", rows, captions + [caption] * args.exemplars)
         exemplars = torch.from_numpy(concepts[kind]).permute(0, 3, 1, 2).float() / 127.5 - 1
         loras = fine_tune(base, out / kind, exemplars, caption, args.tune_steps)
         gen_folder = out / kind / "generated"
