@@ -13,7 +13,7 @@ concept and method: exemplar recall@10 (the share of the exemplars in the top-10
 (at least one exemplar in the top-10) and the mean rank of the best exemplar. ``projidx validate`` runs on the
 pretrained (full-UNet) store of the base rows.
 
-    python benchmarks/customization.py --out bench-out/customization     # ~15 min on 2 cores, models cached in OUT
+    python benchmarks/customization.py --out bench-out/customization     # ~13-18 min on 2 cores, models cached in OUT
 
 Prints a table, writes OUT/customization.json.
 """
