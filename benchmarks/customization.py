@@ -52,8 +52,9 @@ def base_captions(n: int, varied: bool) -> list[str]:
     return [f"a photo of {BASE_WORDS[i % k]} {BASE_WORDS[(i // k + 3) % k]}" for i in range(n)]
 
 
-def tokenizer(folder: Path):
-    """A CLIP tokenizer over single letters and a space-separated word end (no merges), written to ``folder``."""
+def tokenizer(folder: Path, max_length: int = TOKENS):
+    """A CLIP tokenizer over single letters (no merges) and ``max_length`` positions, written to ``folder`` (also
+    the tokenizer of tests/test_latent.py's tiny pipelines)."""
     import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def tokenizer(folder: Path):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                      model_max_length=TOKENS)
+                                      model_max_length=max_length)
 
 
 def concept_images(kind: str, n: int, seed: int) -> np.ndarray:

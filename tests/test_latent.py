@@ -5,7 +5,7 @@ metadata.jsonl; prompts on query, sample and serve. Everything is built here fro
 from __future__ import annotations
 
 import json
-import string
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +18,16 @@ from tests.test_cli import assert_clean_error, run
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+customization = pytest.importorskip("customization")
 
 N, SIZE, TOKENS, WIDTH = 12, 16, 8, 32
 WORDS = ("red", "blue", "cat", "dog", "tree", "sky")
 
 
 def tiny_tokenizer(folder: Path, max_length: int = TOKENS):
-    """A CLIP tokenizer over single letters (no merges), written to ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                      model_max_length=max_length)
+    """A CLIP tokenizer over single letters (no merges), written to ``folder`` (the customization benchmark's)."""
+    return customization.tokenizer(folder, max_length)
 
 
 def tiny_pipeline(root: Path, count: int = 2, vocab: int | None = None, positions: int = TOKENS,
