@@ -7,7 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from projidx.features.grads import GradientComputer, squared_norms
+from projidx.features.grads import GradientComputer, parameter_shapes, squared_norms
+from projidx.features.projection import ProjectorSpec, make_projector
 from projidx.models.diffusion import QUERY_NOISE, NoiseSchedule, diffusion_loss, noise_for, timestep_grid
 from projidx.models.unet import SmallUNet, UNetConfig
 
@@ -119,3 +120,7 @@ def test_losses_are_the_training_loss_averaged_over_the_draws(source):
         expected = torch.stack([diffusion_loss(model, x0[b : b + 1].expand(2, -1, -1, -1), t[b : b + 1].expand(2),
                                                eps[b], abar, "mse").mean() for b in range(3)])
     torch.testing.assert_close(computer.losses(x0, t, eps), expected, rtol=1e-5, atol=1e-7)
+    # the projection call returns the same losses from its own forward pass (featurize records these)
+    spec = ProjectorSpec("sjlt", 64, parameter_shapes(model), seed=1)
+    projected = computer.project(make_projector(spec), x0, t, eps)
+    torch.testing.assert_close(projected.losses, expected, rtol=1e-5, atol=1e-7)

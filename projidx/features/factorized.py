@@ -42,7 +42,14 @@ from torch import nn
 from projidx.errors import ProjidxError
 from projidx.features.grads import Conditioning, GradientComputer, Grads, Projected, trainable_parameters
 from projidx.features.projection import FactorizedProjector, Projector, kronecker_cost
-from projidx.models.diffusion import NoiseSchedule, attribution_output, draws_loss, prediction_target, q_sample
+from projidx.models.diffusion import (
+    NoiseSchedule,
+    attribution_output,
+    draws_loss,
+    per_sample_loss,
+    prediction_target,
+    q_sample,
+)
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -135,12 +142,14 @@ class _Call:
 
 
 class Capture:
-    """Per-sample factors of one batch: B samples, each with R noise draws (rows b*R .. b*R+R-1)."""
+    """Per-sample factors of one batch: B samples, each with R noise draws (rows b*R .. b*R+R-1), and their
+    training losses."""
 
-    def __init__(self, calls: dict[str, list[_Call]], batch: int, draws: int) -> None:
+    def __init__(self, calls: dict[str, list[_Call]], batch: int, draws: int, losses: torch.Tensor) -> None:
         self.calls = calls
         self.batch = batch
         self.draws = draws
+        self.losses = losses  # (B,) each sample's training loss, mean over its draws, from the captured pass
 
     def _per_sample(self, rows: torch.Tensor) -> torch.Tensor:
         """(B*R, P, d) -> (B, R*P, d): a sample's positions are its draws' positions."""
@@ -369,7 +378,7 @@ class FactorizedGradients:
         capture = self._capture_or_fallback(x0, t, eps, conditioning)
         if capture is None:
             return self.vmap.project(projector, x0, t, eps, groups, conditioning)  # type: ignore[union-attr]
-        return project_capture(projector, capture, self.names, groups)
+        return Projected(*project_capture(projector, capture, self.names, groups), capture.losses)
 
     def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                    conditioning: Conditioning | None = None) -> Grads:
@@ -413,6 +422,7 @@ class FactorizedGradients:
                 target = prediction_target(xs, ts, flat_eps, self.abar, self.prediction)
                 f = attribution_output(pred, target, self.loss, self.objective)
                 total = f.reshape(batch, draws).mean(dim=1).sum()
+                losses = per_sample_loss(pred.detach(), target, self.loss).reshape(batch, draws).mean(dim=1)
                 flat = [c for name in self.modules for c in calls[name]]
                 grads = torch.autograd.grad(total, [c.output for c in flat], allow_unused=True)
         finally:
@@ -428,10 +438,11 @@ class FactorizedGradients:
         if missing:
             raise CaptureError(f"factorized projector: layer {missing[0]!r} was not called in the forward pass;"
                                " use --projector sjlt for this model")
-        return Capture(calls, batch, draws)
+        return Capture(calls, batch, draws, losses)
 
 
-def project_capture(projector: Projector, capture: Capture, names: list[str], groups: int = 1) -> Projected:
+def project_capture(projector: Projector, capture: Capture, names: list[str],
+                    groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, k) P g, (B,) exact ||g||^2 and (B/groups,) exact ||mean over groups g||^2 from a capture.
 
     Rows b*groups .. (b+1)*groups-1 are one sample's gradients on a timestep grid. Parameters are

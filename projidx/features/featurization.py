@@ -33,6 +33,7 @@ from projidx.features.factorized import FactorizedGradients, factorizable_module
 from projidx.features.grads import (
     GradientComputer,
     GradientSource,
+    Projected,
     model_fingerprint,
     parameter_shapes,
     select_parameters,
@@ -408,39 +409,31 @@ def _featurize_rows(
     Gradients are computed ``batch_size`` evaluations at a time (samples x timesteps x draws) and projected in
     calls of ``projection_rows`` samples; features accumulate in float32 (the store casts on write).
     Returns features (n, G, k), norms (n, G) and the norm of each sample's mean gradient over G (n,); with
-    ``losses`` also the training loss at each of the n x G (x0, t, draws) (n, G), from extra forward passes.
+    ``losses`` also the training loss at each of the n x G (x0, t, draws) (n, G), from the gradients' own forward
+    passes.
     """
     n, g = times.shape
     per_batch = max(1, batch_size // (g * noise.count))
     per_call = projection_rows(projector, per_batch, g)
-    feats, norms, mean_norms = [], [], []
+    feats, norms, mean_norms, row_losses = [], [], [], []
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
         ids = rows.ids[start:stop].repeat_interleave(g)
         t = times[start:stop].reshape(-1)
-        projected, sq, mean_sq = _project_samples(computer, projector, rows, times, start, stop, per_batch, c, noise,
-                                                  conditioning)
-        f, nrm = _unit(projected, sq, ids, t, cid)
+        projected = _project_samples(computer, projector, rows, times, start, stop, per_batch, c, noise,
+                                     conditioning, losses)
+        f, nrm = _unit(projected.features, projected.sq_norms, ids, t, cid)
         feats.append(f.reshape(stop - start, g, -1))
         norms.append(nrm.reshape(stop - start, g))
-        mean_norms.append(mean_sq.sqrt().cpu())
+        mean_norms.append(projected.mean_sq_norms.sqrt().cpu())
+        row_losses.append(projected.losses.cpu().reshape(stop - start, g))
     return Chunk(
         features=torch.cat(feats).numpy(),
         norms=torch.cat(norms).numpy(),
         mean_norms=torch.cat(mean_norms).numpy(),
         timesteps=times.numpy().astype(np.int32),
-        losses=_losses(computer, rows, times, per_batch, c, noise, conditioning) if losses else None,
+        losses=torch.cat(row_losses).numpy().astype(np.float32) if losses else None,
     )
-
-
-def _losses(computer: GradientSource, rows: ImageSet, times: torch.Tensor, per_batch: int, c: int,
-            noise: NoiseDraws, conditioning: dict[str, dict]) -> np.ndarray:
-    """(n, G) float32 training loss of each sample of ``rows`` at each of its ``times`` (n, G), mean over the same
-    ``noise`` draws as its gradient, ``per_batch`` samples per forward pass."""
-    n, g = times.shape
-    parts = [computer.losses(*_inputs(rows, times, a, min(a + per_batch, n), c, noise, conditioning)).cpu()
-             for a in range(0, n, per_batch)]
-    return torch.cat(parts).reshape(n, g).numpy().astype(np.float32)
 
 
 def projection_rows(projector: Projector, per_batch: int, groups: int) -> int:
@@ -477,19 +470,24 @@ def _project_samples(
     c: int,
     noise: NoiseDraws,
     conditioning: dict[str, dict],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """P g, ||g||^2 (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)."""
+    losses: bool,
+) -> Projected:
+    """P g, ||g||^2 and the losses (rows (stop-start)*G) and ||mean_G g||^2 (stop-start) for samples [start, stop)
+    (the losses NaN where not wanted and not free)."""
     g = times.shape[1]
     if stop - start <= per_batch:
         x0, t, eps, cond = _inputs(rows, times, start, stop, c, noise, conditioning)
         return computer.project(projector, x0, t, eps, groups=g, conditioning=cond)
     # a projector that wants more rows per call than one gradient batch (dense) takes full per-sample gradients
-    # (the factorized projector never asks for more rows)
-    parts = [computer.per_sample(*_inputs(rows, times, a, min(a + per_batch, stop), c, noise, conditioning))
-             for a in range(start, stop, per_batch)]
+    # (the factorized projector never asks for more rows), and the losses from forward passes of their own
+    batches = [_inputs(rows, times, a, min(a + per_batch, stop), c, noise, conditioning)
+               for a in range(start, stop, per_batch)]
+    parts = [computer.per_sample(*inputs) for inputs in batches]
     grads = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     del parts
-    return projector.project_with_norms(grads, g)
+    row_losses = (torch.cat([computer.losses(*inputs).cpu() for inputs in batches]) if losses
+                  else torch.full(((stop - start) * g,), float("nan")))
+    return Projected(*projector.project_with_norms(grads, g), row_losses)
 
 
 def query_defaults(meta: StoreMeta, query_timesteps: int | None, noise_draws: int | None) -> tuple[list[int], int]:

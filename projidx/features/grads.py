@@ -12,22 +12,42 @@ import fnmatch
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from projidx.errors import ProjidxError
-from projidx.models.diffusion import NoiseSchedule, attribution_output, draws_loss, prediction_target, q_sample
+from projidx.models.diffusion import (
+    NoiseSchedule,
+    attribution_output,
+    draws_loss,
+    per_sample_loss,
+    prediction_target,
+    q_sample,
+)
 from projidx.models.lora import is_adapter_parameter
 
 if TYPE_CHECKING:
     from projidx.features.projection import Projector
 
 Grads = dict[str, torch.Tensor]
-Projected = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Conditioning = dict[str, torch.Tensor]  # model inputs besides (x_t, t), batch first (diffusion.model_conditioning)
+
+
+class Projected(NamedTuple):
+    """B per-sample gradients g, projected, with what featurization records beside them.
+
+    features: (B, k) P g; sq_norms: (B,) ||g||^2; mean_sq_norms: (B/groups,) ||mean over each group of g||^2 (rows
+    b*groups .. (b+1)*groups-1 are group b); losses: (B,) each sample's training loss, mean over its draws, from the
+    forward pass that gave g, whatever function g differentiates (DAS's residual).
+    """
+
+    features: torch.Tensor
+    sq_norms: torch.Tensor
+    mean_sq_norms: torch.Tensor
+    losses: torch.Tensor
 
 
 class GradientSource(Protocol):
@@ -39,8 +59,8 @@ class GradientSource(Protocol):
 
     def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                 groups: int = 1, conditioning: Conditioning | None = None) -> Projected:
-        """(B, k) P g, (B,) ||g||^2 and (B/groups,) ||mean over groups g||^2 of B per-sample gradients; x0 (B, C,
-        H, W), t (B,), eps (B, R, C, H, W), conditioning {name: (B, ...)}."""
+        """B per-sample gradients projected, with their exact norms and training losses, from one forward and
+        backward pass; x0 (B, C, H, W), t (B,), eps (B, R, C, H, W), conditioning {name: (B, ...)}."""
         ...
 
     def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
@@ -51,7 +71,8 @@ class GradientSource(Protocol):
     def losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                conditioning: Conditioning | None = None) -> torch.Tensor:
         """(B,) the training loss of each sample, mean over its draws (:func:`~projidx.models.diffusion.draws_loss`),
-        whatever the attributed function: DAS's residual."""
+        whatever the attributed function, from a forward pass of its own (:meth:`project` returns the same losses
+        from its own pass)."""
         ...
 
 
@@ -142,7 +163,7 @@ class GradientComputer:
         self.prediction = prediction
         self.abar = schedule.alphas_cumprod().to(self.device, torch.float32)
         self._refresh()
-        self._vmapped = vmap(grad(self._sample_loss), in_dims=(None, 0, 0, 0, 0))
+        self._vmapped = vmap(grad(self._sample_output, has_aux=True), in_dims=(None, 0, 0, 0, 0))
 
     def _refresh(self) -> None:
         self.params = trainable_parameters(self.model)
@@ -155,25 +176,35 @@ class GradientComputer:
         self.model.load_state_dict(state_dict, strict=True)
         self._refresh()
 
-    def _sample_loss(
+    def _sample_output(
         self, params: dict[str, torch.Tensor], x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
         conditioning: Conditioning,
-    ) -> torch.Tensor:
-        """Mean loss of one sample x0 (C,H,W) at timestep t () over its R draws eps (R,C,H,W); conditioning
-        {name: (...)} of this sample."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attributed function of one sample x0 (C,H,W) at timestep t (), mean over its R draws eps (R,C,H,W),
+        and (aux) its training loss, mean over the same draws; conditioning {name: (...)} of this sample."""
         r = eps.shape[0]
         xs = x0.unsqueeze(0).expand(r, *x0.shape)
         ts = t.reshape(1).expand(r)
         cond = {name: v.unsqueeze(0).expand(r, *v.shape) for name, v in conditioning.items()}
         pred = functional_call(self.model, (params, self.buffers), (q_sample(xs, ts, eps, self.abar), ts), cond)
         target = prediction_target(xs, ts, eps, self.abar, self.prediction)
-        return attribution_output(pred, target, self.loss, self.objective).mean()
+        output = attribution_output(pred, target, self.loss, self.objective).mean()
+        return output, per_sample_loss(pred, target, self.loss).mean().detach()
+
+    def _gradients(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   conditioning: Conditioning | None) -> tuple[Grads, torch.Tensor]:
+        """{name: (B, *shape)} per-sample gradients and (B,) training losses on the computer's device."""
+        cond = {name: v.to(self.device) for name, v in (conditioning or {}).items()}
+        return self._vmapped(
+            self.params, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device), cond
+        )
 
     def project(self, projector: Projector, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                 groups: int = 1, conditioning: Conditioning | None = None) -> Projected:
         """:meth:`GradientSource.project`: each parameter's per-sample gradient read once, for its projection and
         its norm together."""
-        return projector.project_with_norms(self.per_sample(x0, t, eps, conditioning), groups)
+        grads, losses = self._gradients(x0, t, eps, conditioning)
+        return Projected(*projector.project_with_norms(grads, groups), losses)
 
     def per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                    conditioning: Conditioning | None = None) -> Grads:
@@ -183,10 +214,7 @@ class GradientComputer:
         ...)} model inputs per sample. Returns {name: (B, *shape)} float32 on the computer's device: grad of
         mean_r L(x0_b, t_b, eps_b,r).
         """
-        cond = {name: v.to(self.device) for name, v in (conditioning or {}).items()}
-        return self._vmapped(
-            self.params, x0.to(self.device), t.to(self.device, torch.int64), eps.to(self.device), cond
-        )
+        return self._gradients(x0, t, eps, conditioning)[0]
 
     def losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                conditioning: Conditioning | None = None) -> torch.Tensor:
