@@ -149,3 +149,43 @@ def test_lora_fine_tune_on_the_cli(tmp_path, run_dirs):
         assert not (tmp_path / "new.zarr").exists()
     assert_clean_error(run("featurize", *ckpt, *common, "--store", store, "--params", "all", ok=False),
                        "parameter selection (store: lora, given: all)", "refusing to mix")
+
+
+def test_a_moved_base_is_named_with_base_and_checked(tmp_path, run_dirs):
+    """A LoRA store whose base folder moved: query says to pass --base; --base with the moved folder answers as
+    before; a base with other weights of the same shapes, and --base on a store without one, are refused in one
+    line."""
+    import shutil
+
+    base, folders, _ = run_dirs
+    run_root = tmp_path / "run"
+    shutil.copytree(base, run_root / "base")
+    for f in folders:
+        shutil.copytree(f, run_root / f.name)
+    data = digits_npz(tmp_path / "train.npz", slice(0, 8))
+    store = tmp_path / "s.zarr"
+    run("featurize", "--base", run_root / "base", *checkpoint_flags([run_root / f.name for f in folders]),
+        "--data", data, "--timesteps", 2, "--proj-dim", 64, "--store", store)
+    query = ["query", "--store", store, "--data", data, "--top-k", 3, "--exact"]
+    run(*query, "--out", tmp_path / "before.json")
+    moved = tmp_path / "moved-base"
+    shutil.move(run_root / "base", moved)
+    assert_clean_error(run(*query, "--out", tmp_path / "r.json", ok=False), "--base")
+    run(*query, "--base", moved, "--out", tmp_path / "after.json")
+    before, after = (json.loads((tmp_path / n).read_text())["queries"] for n in ("before.json", "after.json"))
+    assert [q["ids"] for q in after] == [q["ids"] for q in before]
+
+    other = tmp_path / "other-base"
+    shutil.copytree(moved, other)
+    unet = diffusers.UNet2DModel.from_pretrained(other / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(other / "unet")
+    assert_clean_error(run(*query, "--base", other, "--out", tmp_path / "r.json", ok=False),
+                       "not the ones store", "--base")
+
+    plain = tmp_path / "plain.zarr"
+    run("featurize", "--checkpoints", moved, "--data", data, "--timesteps", 2, "--proj-dim", 64, "--store", plain)
+    assert_clean_error(run("query", "--store", plain, "--data", data, "--base", moved, "--out", tmp_path / "r.json",
+                           ok=False), "not built from lora checkpoints")

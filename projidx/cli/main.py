@@ -153,7 +153,11 @@ STORE_HELP = "A featurized store: a path or an fsspec URL (file://, memory://, s
 
 
 def checkpoints_option(fn):
-    """--checkpoints: where the store's checkpoints are now, overriding the directory or folders the store records."""
+    """--checkpoints and --base: where the store's checkpoints (and a LoRA store's base model) are now, overriding
+    what the store records."""
+    fn = click.option("--base", "ckpt_base", default=None, type=click.Path(file_okay=False),
+                      help="LoRA stores: the base model's diffusers folder, if it is not where the store records it"
+                           " (moved or copied; refused unless it is the store's base).")(fn)
     return click.option("--checkpoints", "ckpt_dir", type=click.Path(file_okay=False), multiple=True,
                         help="The store's checkpoint directory (or diffusers folders, repeated in order), if they are"
                              " not where the store records them (moved or copied; refused unless they are the"
@@ -400,7 +404,7 @@ def index(store, method, factory, index_dim, on_disk, nprobe, train_rows, recall
 @data_options
 @_fail_cleanly
 def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, exact, limit, nprobe, rerank,
-          device, prompt, ckpt_dir, train_data, data_flags) -> None:
+          device, prompt, ckpt_dir, ckpt_base, train_data, data_flags) -> None:
     """Top-k influential training samples for each query image."""
     from projidx.data.datasets import with_prompt
     from projidx.files import write_text_atomic
@@ -416,7 +420,7 @@ def query(store, data, method, top_k, query_timesteps, noise_draws, out, png, ex
     queries = with_prompt(_data(data, data_flags), prompt)
     if limit is not None:
         queries = queries.subset(slice(0, limit))
-    ckpts = store_checkpoints(fs, ckpt_dir)
+    ckpts = store_checkpoints(fs, ckpt_dir, ckpt_base)
     train = store_dataset(fs, train_data) if png or has_file_names(fs, train_data) else None  # before featurizing
     result = attribute(fs, queries, method, top_k, exact=exact, ckpts=ckpts, query_timesteps=query_timesteps,
                        noise_draws=noise_draws, progress=True, nprobe=nprobe, device=device, rerank=rerank)
@@ -505,7 +509,7 @@ def _indices(fs) -> dict:
 @data_options
 @_fail_cleanly
 def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_draws, out, min_self_top1,
-             min_near_top10, min_shift_top10, ckpt_dir, data_flags) -> None:
+             min_near_top10, min_shift_top10, ckpt_dir, ckpt_base, data_flags) -> None:
     """Sanity report: is each sampled training image found for itself, for a near-copy, for a one-pixel shift?"""
     from projidx.reports.validate import CHECKS, failures, validate_store
     from projidx.search.attribution import store_checkpoints, store_dataset
@@ -514,8 +518,9 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
 
     fs = FeatureStore.open(store)
     train = _data(data, data_flags, stream=True) if data else store_dataset(fs)
-    report = validate_store(fs, store_checkpoints(fs, ckpt_dir), train, samples, seed, sigma, tuple(methods) or None,
-                            query_timesteps, noise_draws, progress=True)
+    ckpts = store_checkpoints(fs, ckpt_dir, ckpt_base)
+    report = validate_store(fs, ckpts, train, samples, seed, sigma, tuple(methods) or None, query_timesteps,
+                            noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"
                " (median rank)")
     click.echo(f"{'method':<9}" + "".join(f"{c:>24}" for c in CHECKS))
@@ -700,7 +705,7 @@ SERVE = ServeLimits()  # the defaults the serve options show
 @train_data_option
 @_fail_cleanly
 def serve(store, host, port, device, threads, timeout, max_images, max_noise_draws, max_gradients, max_upload_bytes,
-          data_root, builtin_data, max_prompt_chars, token_file, ckpt_dir, train_data) -> None:
+          data_root, builtin_data, max_prompt_chars, token_file, ckpt_dir, ckpt_base, train_data) -> None:
     """Warm look-ups over HTTP (waitress): GET /health, POST /query with uploaded images (docs/cli.md)."""
     try:
         import flask  # noqa: F401
@@ -714,7 +719,7 @@ def serve(store, host, port, device, threads, timeout, max_images, max_noise_dra
                     builtin_data=builtin_data, max_prompt_chars=max_prompt_chars)
     token = read_token(token_file)
     _check_device(device)
-    service = QueryService(store, device, ckpt_dir, train_data, limits)
+    service = QueryService(store, device, ckpt_dir, train_data, limits, ckpt_base)
     server = create_server(create_app(service, token), host, port, limits)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         click.echo(f"warning: {host} is not a loopback address and no token is set: anyone who can reach it can"
@@ -758,7 +763,7 @@ def analyze_timestep_bias(store, out) -> None:
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="First N query images.")
 @checkpoints_option
 @_fail_cleanly
-def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit, ckpt_dir) -> None:
+def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, limit, ckpt_dir, ckpt_base) -> None:
     """TracIn vs ReTrac specificity: unique ratio and generally influential samples."""
     from projidx.reports.analyze import influence_report
     from projidx.search.attribution import store_checkpoints
@@ -767,7 +772,7 @@ def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, lim
     queries = _data(data).subset(slice(0, limit))
     fs = FeatureStore.open(store)
     report = influence_report(fs, queries, top_k, Path(out), query_timesteps, noise_draws,
-                              ckpts=store_checkpoints(fs, ckpt_dir))
+                              ckpts=store_checkpoints(fs, ckpt_dir, ckpt_base))
     click.echo(json.dumps(report["summary"], indent=2))
 
 
@@ -781,7 +786,7 @@ def analyze_influence(store, data, top_k, out, query_timesteps, noise_draws, lim
 @checkpoints_option
 @train_data_option
 @_fail_cleanly
-def analyze_self_influence(store, out, query_timesteps, noise_draws, ckpt_dir, train_data) -> None:
+def analyze_self_influence(store, out, query_timesteps, noise_draws, ckpt_dir, ckpt_base, train_data) -> None:
     """Each training sample's influence on itself, per method (outliers score high)."""
     from projidx.reports.analyze import self_influence_report
     from projidx.search.attribution import store_checkpoints, store_dataset
@@ -789,7 +794,8 @@ def analyze_self_influence(store, out, query_timesteps, noise_draws, ckpt_dir, t
 
     fs = FeatureStore.open(store)
     report = self_influence_report(fs, Path(out), query_timesteps, noise_draws,
-                                   ckpts=store_checkpoints(fs, ckpt_dir), train=store_dataset(fs, train_data))
+                                   ckpts=store_checkpoints(fs, ckpt_dir, ckpt_base),
+                                   train=store_dataset(fs, train_data))
     click.echo(json.dumps(report["highest"]))
 
 

@@ -104,12 +104,12 @@ class QueryService:
     on every use) and training names; requests bounded by ``limits``."""
 
     def __init__(self, store_path: str, device: str = "cpu", checkpoints: list[str] | None = None,
-                 train_data: str | None = None, limits: ServeLimits = ServeLimits()) -> None:
-        """``checkpoints`` and ``train_data``: where the store's checkpoints and training data are now [default:
-        where the store records them]."""
+                 train_data: str | None = None, limits: ServeLimits = ServeLimits(), base: str | None = None) -> None:
+        """``checkpoints``, ``base`` and ``train_data``: where the store's checkpoints, a LoRA store's base model and
+        the training data are now [default: where the store records them]."""
         self.store = FeatureStore.open(store_path)
         self.pin = StorePin(self.store.uuid, store_digest(self.store))
-        self.ckpts = store_checkpoints(self.store, checkpoints)
+        self.ckpts = store_checkpoints(self.store, checkpoints, base)
         self.state_dicts = load_state_dicts(self.ckpts)
         self.device = device
         self.names = store_dataset(self.store, train_data) if has_file_names(self.store, train_data) else None

@@ -51,17 +51,22 @@ class Attribution:
                 "queries": queries}
 
 
-def store_checkpoints(store: FeatureStore, locations: list[str | Path] | None = None) -> CheckpointSet:
-    """The checkpoints a store was built from: read from ``locations`` where given (a checkpoint directory, or
-    diffusers folders, moved or copied elsewhere; refused unless they are the store's, :func:`check_checkpoints`),
-    else from the directory or diffusers folders recorded in the store (diffusers folders with the TracIn weights
-    the store records; LoRA folders over the base folder it records, which moved folders are read over too)."""
+def store_checkpoints(store: FeatureStore, locations: list[str | Path] | None = None,
+                      base: str | Path | None = None) -> CheckpointSet:
+    """The checkpoints a store was built from: read from ``locations`` and ``base`` where given (a checkpoint
+    directory, diffusers folders, or a LoRA store's folders and base model, moved or copied elsewhere; refused unless
+    they are the store's, :func:`check_checkpoints`), else from the directory, diffusers folders or LoRA folders and
+    base recorded in the store (diffusers folders with the TracIn weights the store records)."""
     meta = store.meta
     weights = [c["weight"] for c in meta.checkpoints] if meta.checkpoint_folders else None
-    if locations:
-        ckpts = load_checkpoints(list(locations), weights, meta.checkpoint_base)
-        where = ", ".join(str(p) for p in locations)
-        check_checkpoints(store, ckpts, f"the checkpoints in {where} (--checkpoints)")
+    if base is not None and not meta.checkpoint_base:
+        raise ProjidxError(f"base {base}: store {store.path} was not built from LoRA checkpoints over a base model"
+                           " (leave out --base)")
+    if locations or base is not None:
+        folders = list(locations) if locations else list(meta.checkpoint_folders)
+        ckpts = load_checkpoints(folders, weights, base if base is not None else meta.checkpoint_base)
+        where = ", ".join(str(p) for p in folders) + (f" over base {base}" if base is not None else "")
+        check_checkpoints(store, ckpts, f"the checkpoints in {where} (--checkpoints, --base)")
         return ckpts
     if not meta.checkpoint_dir and not meta.checkpoint_folders:
         raise ProjidxError(f"store {store.path} records no checkpoint directory; pass the checkpoints explicitly"
@@ -73,7 +78,8 @@ def store_checkpoints(store: FeatureStore, locations: list[str | Path] | None = 
             return load_diffusers_folders(meta.checkpoint_folders, weights, meta.loss)
         return load_checkpoint_dir(meta.checkpoint_dir)
     except ProjidxError as e:
-        raise ProjidxError(f"{e}; if the store's checkpoints moved, pass them (--checkpoints)") from e
+        raise ProjidxError(f"{e}; if the store's checkpoints moved, pass them (--checkpoints, and a LoRA store's"
+                           " --base)") from e
 
 
 def attribute(
