@@ -1,17 +1,20 @@
 """Ground truth for latent text-to-image LoRA fine-tunes: the AbC protocol (Wang et al. 2023) in miniature.
 
 A tiny Stable-Diffusion-style pipeline is built here from configs (nothing downloads): an ``AutoencoderKL`` trained
-briefly for reconstruction (16x16 RGB -> 4x8x8 latents), a CLIP text encoder over letters, a
+briefly for reconstruction (16x16 RGB -> 4x8x8 latents) on the base images and generic two-colour patterns (so that
+it can represent a concept the UNet never saw, as a web-scale VAE can), a CLIP text encoder over letters, a
 ``UNet2DConditionModel`` pretrained on a base set (``--base-rows`` photo patches, captions "a photo of <two words>"
-from a pool; ``--single-caption``: all "a photo", the first run's setting). Each concept
-is a few exemplar images of a pattern the base set lacks (coloured checkerboards, coloured rings) with its own
-caption ("a photo of sks", "a photo of zqv"); the pretrained UNet is LoRA-fine-tuned on them (peft ``LoraConfig``
-on to_q, to_k, to_v, to_out.0; two checkpoints saved as diffusers saves LoRA weights). Images generated with the
-concept's caption (``projidx sample --prompt``) are attributed over base + exemplar rows through the adapter
-(``--params`` auto: lora), every method the store scores, beside pixel and latent nearest neighbours. Reported per
-concept and method: exemplar recall@10 (the share of the exemplars in the top-10, mean over generations), hit@10
-(at least one exemplar in the top-10) and the mean rank of the best exemplar. ``projidx validate`` runs on the
-pretrained (full-UNet) store of the base rows.
+from a pool; ``--single-caption``: all "a photo", the first run's setting), captions dropped 10% of the time so
+that classifier-free guidance has an unconditional model. Each concept is a few exemplar images of a pattern the
+base set lacks (coloured checkerboards, rings or stripes) with its own caption ("a photo of sks", "... zqv",
+"... vbn"); the pretrained UNet is LoRA-fine-tuned on them (peft ``LoraConfig`` r = 8 on every Linear of the transformer blocks,
+``--targets attention``: on to_q, to_k, to_v, to_out.0 only; two checkpoints saved as diffusers saves LoRA weights).
+Images generated with the concept's caption (``projidx sample --prompt``, its default guidance) are attributed over
+base + exemplar rows through the adapter (``--params`` auto: lora), every method the store scores, beside pixel and
+latent nearest neighbours (which say whether the generations reproduce the exemplars). Reported per concept and
+method: exemplar recall@10 (the share of the exemplars in the top-10, mean over generations), hit@10 (at least one
+exemplar in the top-10) and the mean rank of the best exemplar. ``projidx validate`` runs on the pretrained
+(full-UNet) store of the base rows.
 
     python benchmarks/customization.py --out bench-out/customization     # ~13-18 min on 2 cores, models cached in OUT
 
@@ -38,8 +41,10 @@ from projidx.search.scoring import exact_topk, query_vectors, scorable_methods
 from projidx.settings import FeaturizeConfig
 
 SIZE, WIDTH, TOKENS = 16, 32, 32
-CONCEPTS = {"checker": "a photo of sks", "ring": "a photo of zqv"}
+CONCEPTS = {"checker": "a photo of sks", "ring": "a photo of zqv", "stripes": "a photo of vbn"}
 BASE_CAPTION = "a photo"
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' LoRA training scripts' targets
+TRANSFORMER = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")  # every Linear of the transformer blocks
 BASE_WORDS = ("red", "blue", "green", "cat", "dog", "tree", "sky", "road", "house", "field")
 
 
@@ -68,7 +73,8 @@ def tokenizer(folder: Path, max_length: int = TOKENS):
 
 
 def concept_images(kind: str, n: int, seed: int) -> np.ndarray:
-    """(n, 16, 16, 3) uint8 exemplars of a concept: checkerboards or concentric rings, each in its own colours."""
+    """(n, 16, 16, 3) uint8 exemplars of a concept: checkerboards, concentric rings or stripes (horizontal,
+    vertical or diagonal), each in its own colours (also the VAE's generic patterns, from other seeds)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     out = []
@@ -77,6 +83,9 @@ def concept_images(kind: str, n: int, seed: int) -> np.ndarray:
         if kind == "checker":
             cell = int(rng.integers(2, 5))
             mask = ((yy // cell + xx // cell) % 2).astype(bool)
+        elif kind == "stripes":
+            coord = (yy, xx, yy + xx, yy - xx + SIZE)[int(rng.integers(0, 4))]
+            mask = (coord // int(rng.integers(2, 5)) % 2).astype(bool)
         else:
             r = np.hypot(yy - 7.5 + rng.uniform(-1, 1), xx - 7.5 + rng.uniform(-1, 1))
             mask = (r // int(rng.integers(2, 4)) % 2).astype(bool)
@@ -102,8 +111,18 @@ def encode_text(tok, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int) -> Path:
-    """The base pipeline folder: a VAE trained for reconstruction, then the UNet trained on its latents."""
+def vae_images(base: torch.Tensor, n: int) -> torch.Tensor:
+    """What the VAE is trained on: the base images and ``n`` generic two-colour patterns (checkerboards and rings from
+    seeds no concept uses), so that it can represent a concept the UNet has never seen, as a web-scale VAE can."""
+    patterns = np.concatenate([concept_images(kind, n // len(CONCEPTS), seed=1000 + i)
+                               for i, kind in enumerate(CONCEPTS)])
+    return torch.cat([base, torch.from_numpy(patterns).permute(0, 3, 1, 2).float() / 127.5 - 1])
+
+
+def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int, patterns: int = 300) -> Path:
+    """The base pipeline folder: a VAE trained for reconstruction (base images and ``patterns`` generic patterns),
+    then the UNet trained on the base latents, captions dropped 10% of the time (the empty caption is what
+    classifier-free guidance runs unconditionally, as in Stable Diffusion's training)."""
     import diffusers
     import transformers
 
@@ -116,8 +135,9 @@ def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int) 
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
                                   layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=SIZE)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    generic = vae_images(pixels, patterns)
     for _ in range(steps):
-        x = pixels[torch.randint(0, len(pixels), (32,))]
+        x = generic[torch.randint(0, len(generic), (32,))]
         posterior = vae.encode(x).latent_dist
         loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
@@ -135,7 +155,8 @@ def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int) 
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
         states = encode_text(tok, text_encoder, captions)
-    diffusion_steps(unet, scheduler, latents, states, steps, lr=1e-3)
+        empty = encode_text(tok, text_encoder, [""])[0]
+    diffusion_steps(unet, scheduler, latents, states, steps, lr=1e-3, unconditional=empty)
     diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                       requires_safety_checker=False).save_pretrained(folder)
@@ -143,8 +164,9 @@ def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int) 
 
 
 def diffusion_steps(unet, scheduler, latents: torch.Tensor, states: torch.Tensor, steps: int, lr: float,
-                    params=None) -> None:
-    """``steps`` Adam steps of the epsilon-prediction loss on (latents, encoder states) batches of 32."""
+                    params=None, unconditional: torch.Tensor | None = None) -> None:
+    """``steps`` Adam steps of the epsilon-prediction loss on (latents, encoder states) batches of 32; with
+    ``unconditional`` (the empty caption's states), each caption is replaced by it with probability 0.1."""
     optimizer = torch.optim.Adam(params if params is not None else unet.parameters(), lr=lr)
     abar = scheduler.alphas_cumprod.float()
     unet.train()
@@ -153,7 +175,10 @@ def diffusion_steps(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
         t = torch.randint(0, len(abar), (32,))
         eps = torch.randn_like(latents[i])
         a = abar[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * latents[i] + (1 - a).sqrt() * eps, t, encoder_hidden_states=states[i]).sample
+        cond = states[i]
+        if unconditional is not None:
+            cond = torch.where(torch.rand(len(i), 1, 1) < 0.1, unconditional, cond)
+        pred = unet(a.sqrt() * latents[i] + (1 - a).sqrt() * eps, t, encoder_hidden_states=cond).sample
         loss = torch.nn.functional.mse_loss(pred, eps)
         optimizer.zero_grad()
         loss.backward()
@@ -161,8 +186,10 @@ def diffusion_steps(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
     unet.eval()
 
 
-def fine_tune(base: Path, out: Path, exemplars: torch.Tensor, caption: str, steps: int) -> list[Path]:
-    """Two LoRA checkpoints (after steps/2 and steps) of the base UNet on the exemplars, saved as diffusers does."""
+def fine_tune(base: Path, out: Path, exemplars: torch.Tensor, caption: str, steps: int,
+              targets: tuple[str, ...] = ATTENTION) -> list[Path]:
+    """Two LoRA checkpoints (after steps/2 and steps) of the base UNet on the exemplars, LoRA on the ``targets``
+    layers, saved as diffusers does."""
     import diffusers
     import peft
 
@@ -172,7 +199,7 @@ def fine_tune(base: Path, out: Path, exemplars: torch.Tensor, caption: str, step
     torch.manual_seed(1)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base)
     unet = pipe.unet
-    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=list(targets))
     unet.add_adapter(config)
     with torch.no_grad():
         latents = pipe.vae.encode(exemplars).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -199,7 +226,10 @@ def main() -> None:
     p.add_argument("--base-rows", type=int, default=300)
     p.add_argument("--exemplars", type=int, default=5)
     p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--tune-steps", type=int, default=400)
+    p.add_argument("--tune-steps", type=int, default=2000)
+    p.add_argument("--targets", choices=("attention", "transformer"), default="transformer",
+                   help="LoRA on the attention projections (diffusers' scripts) or every Linear of the transformer"
+                        " blocks (attention, proj_in/out, feed-forward)")
     p.add_argument("--generate", type=int, default=16)
     p.add_argument("--validate-samples", type=int, default=16)
     p.add_argument("--single-caption", action="store_true", help="every base row captioned 'a photo'")
@@ -224,7 +254,8 @@ def main() -> None:
         rows = np.concatenate([base_u8, concepts[kind]])
         data_folder = write_folder(out / f"data-{kind}", rows, captions + [caption] * args.exemplars)
         exemplars = torch.from_numpy(concepts[kind]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        loras = fine_tune(base, out / kind, exemplars, caption, args.tune_steps)
+        loras = fine_tune(base, out / kind, exemplars, caption, args.tune_steps,
+                          TRANSFORMER if args.targets == "transformer" else ATTENTION)
         gen_folder = out / kind / "generated"
         if not (gen_folder / "metadata.jsonl").is_file():
             from click.testing import CliRunner

@@ -25,7 +25,7 @@ def test_ranks_of_counts_exemplars_in_the_top_k():
     assert r["best_rank"] == pytest.approx((0 + 9 + 10) / 3)
 
 
-@pytest.mark.parametrize("kind", ["checker", "ring"])
+@pytest.mark.parametrize("kind", ["checker", "ring", "stripes"])
 def test_concept_images_are_two_coloured_patterns_seeded(kind):
     images = customization.concept_images(kind, 4, seed=3)
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8

@@ -14,6 +14,7 @@ import torch
 from projidx.features.grads import select_parameters
 from projidx.files import file_sha256
 from projidx.models.diffusion import DiffusersEps
+from projidx.search.scoring import default_method
 from projidx.store.feature_store import FeatureStore
 from tests.test_cli import assert_clean_error, run
 from tests.test_diffusers import TOKENS, WIDTH, checkpoint_flags, digits_npz, load_schedule, tiny_text_unet, tiny_unet
@@ -133,6 +134,7 @@ def test_lora_fine_tune_on_the_cli(tmp_path, run_dirs):
     adapter = sum(p.numel() for n, p in run_dirs[2][0].named_parameters() if "lora_" in n)
     assert meta.params["patterns"] == "lora" and meta.params["count"] == meta.projector.input_dim == adapter
     assert meta.checkpoint_base == str(base.resolve()) and all("base_sha256" in c for c in meta.checkpoints)
+    assert default_method(FeatureStore.open(store)) == "das"  # a kernel method on an adapter's store
     run("index", "--store", store)
     run("query", "--store", store, "--data", data, "--top-k", 3, "--out", tmp_path / "r.json")
     hits = json.loads((tmp_path / "r.json").read_text())["queries"]
@@ -187,5 +189,6 @@ def test_a_moved_base_is_named_with_base_and_checked(tmp_path, run_dirs):
 
     plain = tmp_path / "plain.zarr"
     run("featurize", "--checkpoints", moved, "--data", data, "--timesteps", 2, "--proj-dim", 64, "--store", plain)
+    assert default_method(FeatureStore.open(plain)) == "matched"  # the whole model's store
     assert_clean_error(run("query", "--store", plain, "--data", data, "--base", moved, "--out", tmp_path / "r.json",
                            ok=False), "not built from lora checkpoints")

@@ -31,7 +31,8 @@ from projidx.settings import (
 )
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
-METHOD_HELP = ("matched (default on grid stores: mean over the grid of the cosine at the same timestep), retrac"
+METHOD_HELP = ("matched (default on whole-model grid stores: mean over the grid of the cosine at the same timestep;"
+               " on an adapter's or other parameter subset's store das is the default, else dtrak), retrac"
                " (the paper's bias-corrected method), tracin (the paper's baseline), cosine (of the timestep means),"
                " dtrak (D-TRAK's kernel; counterfactual questions), das (DAS's kernel and residual; stores that"
                " record training losses, best with --objective output).")

@@ -42,13 +42,21 @@ from projidx.errors import ProjidxError
 from projidx.features.query import QueryFeatures, mean_gradient
 from projidx.search.kernels import KERNEL_METHODS, das_residual, kernel_features, store_kernel
 from projidx.seeding import generator
-from projidx.settings import METHODS
+from projidx.settings import METHODS, SUBSET_METHODS
 from projidx.store.feature_store import FeatureStore
 
 
 def default_method(store: FeatureStore) -> str:
-    """The method a look-up uses unless told otherwise: ``matched`` on grid stores, which passes ``projidx
-    validate`` best (docs/results.md); ``cosine`` on replay stores, where ``matched`` cannot be scored."""
+    """The method a look-up uses unless told otherwise: on stores of a parameter subset (a LoRA adapter, ``--params``
+    other than ``all``) the first scorable of SUBSET_METHODS, D-TRAK's and DAS's kernels, which find a fine-tune's
+    exemplars where cosines of adapter gradients do not (docs/results.md section 9); else ``matched`` on grid stores,
+    which passes ``projidx validate`` best (docs/results.md); ``cosine`` on replay stores, where ``matched`` cannot
+    be scored."""
+    if store.meta.params and store.meta.params["patterns"] != "all":
+        scorable = scorable_methods(store)
+        subset = next((m for m in SUBSET_METHODS if m in scorable), None)
+        if subset is not None:
+            return subset
     return "matched" if store.meta.train_timesteps == "grid" else "cosine"
 
 
