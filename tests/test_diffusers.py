@@ -41,18 +41,27 @@ def save_run(root: Path, make_unet, scheduler, pipeline: bool = True, count: int
     saved as a DDPMPipeline folder each (or as unet/ + scheduler/ folders)."""
     torch.manual_seed(0)
     unet = make_unet()
-    folders = []
-    for c in range(count):
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        folder = root / f"step-{(c + 1) * 100}"
+
+    def save(folder: Path) -> None:
         if pipeline:
             diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
         else:
             unet.save_pretrained(folder / "unet")
             scheduler.save_pretrained(folder / "scheduler")
-        folders.append(folder)
+
+    return nudged_checkpoints(unet, root, count, save)
+
+
+def nudged_checkpoints(unet: torch.nn.Module, root: Path, count: int, save) -> list[Path]:
+    """``count`` checkpoint folders root/step-100, step-200, ...: ``unet``'s weights moved a little (seeded by the
+    caller) before each, then ``save(folder)``."""
+    folders = []
+    for c in range(count):
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        folders.append(root / f"step-{(c + 1) * 100}")
+        save(folders[-1])
     return folders
 
 

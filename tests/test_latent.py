@@ -15,6 +15,7 @@ import torch
 from projidx.data.datasets import load_dataset
 from projidx.store.feature_store import FeatureStore
 from tests.test_cli import assert_clean_error, run
+from tests.test_diffusers import nudged_checkpoints
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -49,17 +50,9 @@ def tiny_pipeline(root: Path, count: int = 2, vocab: int | None = None, position
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=WIDTH, norm_num_groups=4, attention_head_dim=4)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-    folders = []
-    for c in range(count):
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        folder = root / f"step-{(c + 1) * 100}"
-        diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False).save_pretrained(folder)
-        folders.append(folder)
-    return folders
+    return nudged_checkpoints(unet, root, count, lambda folder: diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False).save_pretrained(folder))
 
 
 def image_folder(folder: Path, rows: slice, captions: str = "jsonl") -> Path:
