@@ -15,7 +15,14 @@ import torch
 from projidx.errors import ProjidxError
 from projidx.features.featurization import FeaturizeConfig, featurize, featurize_queries
 from projidx.models.diffusion import TRAIN_NOISE, diffusion_loss, noise_for
-from projidx.search.kernels import RIDGE, das_residual, kernel_files, regularized_inverse, store_kernel
+from projidx.search.kernels import (
+    RIDGE,
+    das_residual,
+    kernel_files,
+    regularized_inverse,
+    regularized_inverse_of_rows,
+    store_kernel,
+)
 from projidx.search.scoring import check_method, exact_scores, exact_topk, query_vectors, scorable_methods
 from projidx.store.feature_store import FeatureStore
 from tests.test_cli import assert_clean_error, run
@@ -35,10 +42,12 @@ def test_regularized_inverse_is_the_ridge_inverse():
                                atol=1e-6)
 
 
-@pytest.fixture()
-def dtrak_store(tmp_path, tiny_ckpts, tiny_data):
-    return featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "d.zarr", CONFIG, progress=False,
-                     allow_other_data=True)
+def test_the_dual_form_of_few_rows_is_the_same_inverse():
+    rng = np.random.default_rng(1)
+    phi = rng.normal(size=(6, 40)) * rng.uniform(0.1, 10, size=(6, 1))  # rows of unequal norms, n < k
+    np.testing.assert_allclose(regularized_inverse_of_rows(phi), regularized_inverse(phi.T @ phi), rtol=1e-4,
+                               atol=1e-6 * np.abs(regularized_inverse(phi.T @ phi)).max())
+    np.testing.assert_allclose(regularized_inverse_of_rows(np.zeros((3, 5))), np.eye(5))  # lambda 1 on zero rows
 
 
 @pytest.fixture()
@@ -51,8 +60,10 @@ def _phi(features: np.ndarray, norms: np.ndarray) -> np.ndarray:
     return np.einsum("ngk,ng->nk", features.astype(np.float64), norms.astype(np.float64)) / features.shape[1]
 
 
-def test_dtrak_scores_equal_the_trak_formula(dtrak_store, tiny_ckpts, tiny_queries):
-    store = dtrak_store
+@pytest.mark.parametrize("proj_dim", [48, 8])  # fewer rows (20) than k: the dual form; more: the Gram matrix
+def test_dtrak_scores_equal_the_trak_formula(tmp_path, tiny_ckpts, tiny_data, tiny_queries, proj_dim):
+    store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "d.zarr",
+                      replace(CONFIG, proj_dim=proj_dim), progress=False, allow_other_data=True)
     qf = featurize_queries(store, tiny_ckpts, tiny_queries, progress=False)
     expected = np.zeros((len(tiny_queries), store.meta.n))
     c = len(store.meta.checkpoint_ids)
