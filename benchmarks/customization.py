@@ -7,16 +7,19 @@ it can represent a concept the UNet never saw, as a web-scale VAE can), a CLIP t
 from a pool; ``--single-caption``: all "a photo", the first run's setting), captions dropped 10% of the time so
 that classifier-free guidance has an unconditional model. Each concept is a few exemplar images of a pattern the
 base set lacks (coloured checkerboards, rings or stripes) with its own caption ("a photo of sks", "... zqv",
-"... vbn"); the pretrained UNet is LoRA-fine-tuned on them (peft ``LoraConfig`` r = 8 on every Linear of the transformer blocks,
-``--targets attention``: on to_q, to_k, to_v, to_out.0 only; two checkpoints saved as diffusers saves LoRA weights).
+"... vbn"); the pretrained UNet is LoRA-fine-tuned on them (peft ``LoraConfig`` r = 8 on every Linear of the
+transformer blocks, ``--targets attention``: on to_q, to_k, to_v, to_out.0 only; two checkpoints saved as diffusers
+saves LoRA weights).
 Images generated with the concept's caption (``projidx sample --prompt``, its default guidance) are attributed over
 base + exemplar rows through the adapter (``--params`` auto: lora), every method the store scores, beside pixel and
 latent nearest neighbours (which say whether the generations reproduce the exemplars). Reported per concept and
 method: exemplar recall@10 (the share of the exemplars in the top-10, mean over generations), hit@10 (at least one
-exemplar in the top-10) and the mean rank of the best exemplar. ``projidx validate`` runs on the pretrained
-(full-UNet) store of the base rows.
+exemplar in the top-10) and the mean rank of the best exemplar, over all generations (the AbC protocol) and over the
+generations that depict the concept (their latent nearest neighbour is an exemplar; a fine-tune this small does not
+always reproduce its concept). ``projidx validate`` runs on the pretrained (full-UNet) store of the base rows.
+``--seed`` makes a whole new instance (base photos, exemplars, every training and sampling seed).
 
-    python benchmarks/customization.py --out bench-out/customization     # ~13-18 min on 2 cores, models cached in OUT
+    python benchmarks/customization.py --out bench-out/customization     # ~23 min at 1 thread, models cached in OUT
 
 Prints a table, writes OUT/customization.json.
 """
@@ -111,31 +114,33 @@ def encode_text(tok, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def vae_images(base: torch.Tensor, n: int) -> torch.Tensor:
+def vae_images(base: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """What the VAE is trained on: the base images and ``n`` generic two-colour patterns (checkerboards and rings from
     seeds no concept uses), so that it can represent a concept the UNet has never seen, as a web-scale VAE can."""
-    patterns = np.concatenate([concept_images(kind, n // len(CONCEPTS), seed=1000 + i)
+    patterns = np.concatenate([concept_images(kind, n // len(CONCEPTS), seed=1000 + 10 * seed + i)
                                for i, kind in enumerate(CONCEPTS)])
     return torch.cat([base, torch.from_numpy(patterns).permute(0, 3, 1, 2).float() / 127.5 - 1])
 
 
-def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int, patterns: int = 300) -> Path:
+def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int, patterns: int = 300,
+             seed: int = 0) -> Path:
     """The base pipeline folder: a VAE trained for reconstruction (base images and ``patterns`` generic patterns),
-    then the UNet trained on the base latents, captions dropped 10% of the time (the empty caption is what
-    classifier-free guidance runs unconditionally, as in Stable Diffusion's training)."""
+    its scaling factor 1 / the standard deviation of the base images' latents (as Rombach et al. set it), then the
+    UNet trained on the base latents, captions dropped 10% of the time (the empty caption is what classifier-free
+    guidance runs unconditionally, as in Stable Diffusion's training); ``seed`` seeds both."""
     import diffusers
     import transformers
 
     folder = root / "base"
     if (folder / "model_index.json").is_file():
         return folder
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tok = tokenizer(root / "tokenizer-files")
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
                                   layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=SIZE)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    generic = vae_images(pixels, patterns)
+    generic = vae_images(pixels, patterns, seed)
     for _ in range(steps):
         x = generic[torch.randint(0, len(generic), (32,))]
         posterior = vae.encode(x).latent_dist
@@ -144,6 +149,8 @@ def pretrain(root: Path, pixels: torch.Tensor, captions: list[str], steps: int, 
         loss.backward()
         optimizer.step()
     vae.eval().requires_grad_(False)
+    with torch.no_grad():  # Stable Diffusion's recipe: latents rescaled to unit variance over the UNet's data
+        vae.register_to_config(scaling_factor=float(1 / vae.encode(pixels).latent_dist.mean.std()))
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval().requires_grad_(False)
@@ -187,16 +194,16 @@ def diffusion_steps(unet, scheduler, latents: torch.Tensor, states: torch.Tensor
 
 
 def fine_tune(base: Path, out: Path, exemplars: torch.Tensor, caption: str, steps: int,
-              targets: tuple[str, ...] = ATTENTION) -> list[Path]:
+              targets: tuple[str, ...] = ATTENTION, seed: int = 1) -> list[Path]:
     """Two LoRA checkpoints (after steps/2 and steps) of the base UNet on the exemplars, LoRA on the ``targets``
-    layers, saved as diffusers does."""
+    layers, saved as diffusers does; ``seed`` seeds the LoRA's initialization and the training draws."""
     import diffusers
     import peft
 
     folders = [out / f"lora-{c}" for c in (1, 2)]
     if all((f / "pytorch_lora_weights.safetensors").is_file() for f in folders):
         return folders
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base)
     unet = pipe.unet
     config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=list(targets))
@@ -233,17 +240,25 @@ def main() -> None:
     p.add_argument("--generate", type=int, default=16)
     p.add_argument("--validate-samples", type=int, default=16)
     p.add_argument("--single-caption", action="store_true", help="every base row captioned 'a photo'")
+    p.add_argument("--seed", type=int, default=0,
+                   help="a whole new instance: other base photos (rows seed*base_rows on), exemplars, VAE patterns,"
+                        " pretraining, fine-tune and sampling seeds (0: the run reported in docs/results.md)")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     start = time.perf_counter()
-    photos = load_dataset("photos").subset(slice(0, args.base_rows)).images
+    photos = load_dataset("photos")
+    first = args.seed * args.base_rows
+    if first + args.base_rows > len(photos):
+        sys.exit(f"--seed {args.seed} with --base-rows {args.base_rows} needs {first + args.base_rows} photos;"
+                 f" the set has {len(photos)}")
+    photos = photos.subset(slice(first, first + args.base_rows)).images
     base_u8 = ((photos.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
-    concepts = {k: concept_images(k, args.exemplars, seed=i) for i, k in enumerate(CONCEPTS)}
+    concepts = {k: concept_images(k, args.exemplars, seed=10 * args.seed + i) for i, k in enumerate(CONCEPTS)}
     everything = np.concatenate([base_u8, *concepts.values()])
     pixels = torch.from_numpy(everything).permute(0, 3, 1, 2).float() / 127.5 - 1
     captions = base_captions(args.base_rows, not args.single_caption)
-    base = pretrain(out, pixels[: args.base_rows], captions, args.pretrain_steps)
+    base = pretrain(out, pixels[: args.base_rows], captions, args.pretrain_steps, seed=args.seed)
     report = {"settings": vars(args), "concepts": {}}
     base_folder = write_folder(out / "data-base", base_u8, captions)
     base_store = featurize(load_checkpoints([base]), load_dataset(str(base_folder)), out / "base.zarr",
@@ -255,7 +270,7 @@ def main() -> None:
         data_folder = write_folder(out / f"data-{kind}", rows, captions + [caption] * args.exemplars)
         exemplars = torch.from_numpy(concepts[kind]).permute(0, 3, 1, 2).float() / 127.5 - 1
         loras = fine_tune(base, out / kind, exemplars, caption, args.tune_steps,
-                          TRANSFORMER if args.targets == "transformer" else ATTENTION)
+                          TRANSFORMER if args.targets == "transformer" else ATTENTION, seed=1 + args.seed)
         gen_folder = out / kind / "generated"
         if not (gen_folder / "metadata.jsonl").is_file():
             from click.testing import CliRunner
@@ -263,8 +278,8 @@ def main() -> None:
             from projidx.cli.main import main as cli
 
             result = CliRunner().invoke(cli, ["sample", "--checkpoints", str(loras[-1]), "--base", str(base),
-                                              "--prompt", caption, "--n", str(args.generate), "--out",
-                                              str(gen_folder)])
+                                              "--prompt", caption, "--n", str(args.generate), "--seed",
+                                              str(args.seed), "--out", str(gen_folder)])
             if result.exit_code != 0:
                 sys.exit(f"sample failed: {result.output}")
         ckpts = load_checkpoints([str(f) for f in loras], None, base)
@@ -274,26 +289,32 @@ def main() -> None:
         qf = featurize_queries(store, ckpts, generated, progress=False)
         exemplar_rows = np.arange(args.base_rows, args.base_rows + args.exemplars)
         ids = store.ids()
-        methods = {}
-        for method in scorable_methods(store):
-            _, top = exact_topk(store, query_vectors(store, qf, method), method, 10)
-            methods[method] = ranks_of(np.searchsorted(ids, top), exemplar_rows, 10)
+        rankings = {method: np.searchsorted(ids, exact_topk(store, query_vectors(store, qf, method), method, 10)[1])
+                    for method in scorable_methods(store)}
         gen = generated.images.flatten(1)
-        methods["pixel"] = ranks_of(torch.topk(-torch.cdist(gen, train.images.flatten(1)), 10).indices.numpy(),
-                                    exemplar_rows, 10)
+        rankings["pixel"] = torch.topk(-torch.cdist(gen, train.images.flatten(1)), 10).indices.numpy()
         vae = ckpts.frozen.vae
         with torch.no_grad():
             z_gen = vae.encode(generated.images).latent_dist.mean.flatten(1)
             z_train = vae.encode(train.images).latent_dist.mean.flatten(1)
-        methods["latent"] = ranks_of(torch.topk(-torch.cdist(z_gen, z_train), 10).indices.numpy(), exemplar_rows, 10)
+        rankings["latent"] = torch.topk(-torch.cdist(z_gen, z_train), 10).indices.numpy()
+        # the generations that depict the concept: their latent nearest neighbour is an exemplar
+        depicting = np.isin(rankings["latent"][:, 0], exemplar_rows)
+        methods = {name: {**ranks_of(top, exemplar_rows, 10),
+                          "depicting": ranks_of(top[depicting], exemplar_rows, 10) if depicting.any() else None}
+                   for name, top in rankings.items()}
         report["concepts"][kind] = {"caption": caption, "store_dim": store.meta.projector.proj_dim,
-                                    "params": store.meta.params, "methods": methods}
+                                    "params": store.meta.params, "depicting": int(depicting.sum()),
+                                    "methods": methods}
     report["wall_s"] = time.perf_counter() - start
     (out / "customization.json").write_text(json.dumps(report, indent=1))
-    print(f"{'concept':<8} {'method':<8} {'recall@10':>9} {'hit@10':>7} {'best rank':>9}")
+    print(f"{'concept':<8} {'method':<8} {'recall@10':>9} {'hit@10':>7} {'best rank':>9}   depicting: {'recall@10':>9}"
+          f" {'hit@10':>7}")
     for kind, c in report["concepts"].items():
         for method, r in c["methods"].items():
-            print(f"{kind:<8} {method:<8} {r['recall_at_10']:>9.2f} {r['hit_at_10']:>7.2f} {r['best_rank']:>9.2f}")
+            d = r["depicting"] or {"recall_at_10": float("nan"), "hit_at_10": float("nan")}
+            print(f"{kind:<8} {method:<8} {r['recall_at_10']:>9.2f} {r['hit_at_10']:>7.2f} {r['best_rank']:>9.2f}"
+                  f"   {c['depicting']:>2} of {args.generate:<3}  {d['recall_at_10']:>9.2f} {d['hit_at_10']:>7.2f}")
     for method, checks in report["validate"].items():
         print(f"validate (base store) {method}: " + ", ".join(f"{name} top-1 {c['top1']:.2f} top-10 {c['top10']:.2f}"
                                                            for name, c in checks.items()))
