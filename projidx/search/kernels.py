@@ -126,19 +126,17 @@ def compute_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> np
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     k = store.meta.projector.proj_dim
-    few_rows = store.meta.n < k
     out = np.empty((len(store.meta.checkpoint_ids), k, k), np.float32)
     for c, cid in enumerate(store.meta.checkpoint_ids):
-        gram = None if few_rows else np.zeros((k, k), np.float64)
-        rows = []
-        for _, chunk in store.chunks(cid):
-            phi = kernel_features(method, chunk.features, chunk.norms).astype(np.float64)
-            if gram is None:
-                rows.append(phi)
-            else:
+        phis = (kernel_features(method, chunk.features, chunk.norms).astype(np.float64) for _, chunk in
+                store.chunks(cid))
+        if store.meta.n < k:
+            out[c] = regularized_inverse_of_rows(np.concatenate(list(phis)), ridge)
+        else:
+            gram = np.zeros((k, k), np.float64)
+            for phi in phis:
                 gram += phi.T @ phi
-        out[c] = regularized_inverse(gram, ridge) if gram is not None else regularized_inverse_of_rows(
-            np.concatenate(rows), ridge)
+            out[c] = regularized_inverse(gram, ridge)
     return out
 
 
