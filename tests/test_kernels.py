@@ -17,10 +17,13 @@ from projidx.features.featurization import FeaturizeConfig, featurize, featurize
 from projidx.models.diffusion import TRAIN_NOISE, diffusion_loss, noise_for
 from projidx.search.kernels import (
     RIDGE,
+    DenseKernel,
+    DualKernel,
+    Kernel,
     das_residual,
+    dual_inverse,
     kernel_files,
     regularized_inverse,
-    regularized_inverse_of_rows,
     store_kernel,
 )
 from projidx.search.scoring import check_method, exact_scores, exact_topk, query_vectors, scorable_methods
@@ -42,12 +45,24 @@ def test_regularized_inverse_is_the_ridge_inverse():
                                atol=1e-6)
 
 
+def matrices(kernel: Kernel, k: int) -> np.ndarray:
+    """(C, k, k) the inverses a kernel applies, whatever its form."""
+    c = len(kernel.inverse) if isinstance(kernel, DenseKernel) else len(kernel.rows)
+    return np.stack([kernel.apply(i, np.eye(k, dtype=np.float32)) for i in range(c)])
+
+
 def test_the_dual_form_of_few_rows_is_the_same_inverse():
     rng = np.random.default_rng(1)
     phi = rng.normal(size=(6, 40)) * rng.uniform(0.1, 10, size=(6, 1))  # rows of unequal norms, n < k
-    np.testing.assert_allclose(regularized_inverse_of_rows(phi), regularized_inverse(phi.T @ phi), rtol=1e-4,
-                               atol=1e-6 * np.abs(regularized_inverse(phi.T @ phi)).max())
-    np.testing.assert_allclose(regularized_inverse_of_rows(np.zeros((3, 5))), np.eye(5))  # lambda 1 on zero rows
+    small, lam = dual_inverse(phi)
+    dual = DualKernel(phi[None].astype(np.float32), small[None], np.array([lam]))
+    dense = regularized_inverse(phi.T @ phi)
+    np.testing.assert_allclose(matrices(dual, 40)[0], dense, rtol=1e-3, atol=1e-5 * np.abs(dense).max())
+    q = rng.normal(size=(3, 40)).astype(np.float32)
+    np.testing.assert_allclose(dual.apply(0, q), DenseKernel(dense[None]).apply(0, q), rtol=1e-3,
+                               atol=1e-5 * np.abs(q @ dense).max())
+    zero = DualKernel(np.zeros((1, 3, 5), np.float32), *[np.array([x]) for x in dual_inverse(np.zeros((3, 5)))])
+    np.testing.assert_allclose(matrices(zero, 5)[0], np.eye(5))  # lambda 1 on zero rows
 
 
 @pytest.fixture()
@@ -81,29 +96,32 @@ def test_dtrak_scores_equal_the_trak_formula(tmp_path, tiny_ckpts, tiny_data, ti
     assert not np.array_equal(np.argsort(-got, axis=1)[:, :5], np.argsort(-tracin, axis=1)[:, :5])
 
 
-@pytest.mark.parametrize(("method", "config"), [("dtrak", CONFIG), ("das", DAS_CONFIG)])
+@pytest.mark.parametrize(("method", "config", "form"), [("dtrak", CONFIG, DualKernel), ("das", DAS_CONFIG, DualKernel),
+                                                      ("dtrak", replace(CONFIG, proj_dim=8), DenseKernel)])
 def test_the_kernel_is_saved_once_and_recomputed_when_the_store_changes(tmp_path, tiny_ckpts, tiny_data,
-                                                                         monkeypatch, method, config):
+                                                                         monkeypatch, method, config, form):
     import projidx.search.kernels as kernels
 
     store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "k.zarr", config, progress=False,
                       allow_other_data=True)
-    first = store_kernel(store, method)
+    k = store.meta.projector.proj_dim
+    assert isinstance(store_kernel(store, method), form)  # 20 rows: dual below k = 48, dense at k = 8
+    first = matrices(store_kernel(store, method), k)
     array_file, sidecar = kernel_files(store, method)
     assert array_file.exists() and sidecar.exists()
     calls = []
     real = kernels.compute_kernel
     monkeypatch.setattr(kernels, "compute_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
-    np.testing.assert_array_equal(store_kernel(FeatureStore.open(store.path), method), first)
+    np.testing.assert_array_equal(matrices(store_kernel(FeatureStore.open(store.path), method), k), first)
     assert calls == []  # read back, not recomputed
     array_file.write_bytes(b"torn")  # a damaged kernel file is recomputed, never read
-    np.testing.assert_array_equal(store_kernel(store, method), first)
+    np.testing.assert_array_equal(matrices(store_kernel(store, method), k), first)
     assert calls == [1]
     # the store rebuilt at the same path from other rows: a new digest, a new kernel
     shutil.rmtree(store.path.local)
     rebuilt = featurize(tiny_ckpts, tiny_data.subset(slice(20, 40)), store.path.local, config, progress=False,
                         allow_other_data=True)
-    again = store_kernel(rebuilt, method)
+    again = matrices(store_kernel(rebuilt, method), k)
     assert calls == [1, 1]
     assert not np.allclose(again, first)
 

@@ -37,7 +37,8 @@ and FAISS indices still answer by inner product: score = sum_c <K_c phi_c(q) / C
 1/sqrt(C) on each side.
 
 The Gram matrices are a store-wide statistic, accumulated in float64 one row-chunk at a time (memory: C k x k,
-never N x k) and saved next to the store's indices as ``STORE.index/<method>.kernel.npy`` with a JSON sidecar
+never N x k; a store of N < k rows keeps its rows instead, C N k, and the inverse in the dual form) and saved next
+to the store's indices as ``STORE.index/<method>.kernel.npz`` with a JSON sidecar
 recording a digest of everything they were computed from: the store's uuid, its metadata digest, every chunk's done
 record, the method and lambda. A store rebuilt, resumed with recomputed chunks or re-featurized gets a new digest,
 and the kernel is recomputed instead of read.
@@ -51,6 +52,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -96,16 +99,54 @@ def regularized_inverse(gram: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     return inverse.astype(np.float32)
 
 
-def regularized_inverse_of_rows(phi: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    """(k, k) float32 (Phi^T Phi + lambda I)^{-1} of fewer rows than columns, ``phi`` (n, k) with n < k, by the
-    push-through identity (Phi^T Phi + lambda I)^{-1} = (I - Phi^T (Phi Phi^T + lambda I)^{-1} Phi) / lambda: an
-    (n, n) solve and an n k^2 product instead of a k^3 eigendecomposition (a LoRA store of 300 rows at k = 8192:
-    seconds, not minutes). The same matrix as ``regularized_inverse(phi.T @ phi)``."""
+def dual_inverse(phi: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, float]:
+    """(S, lambda) of fewer rows than columns, ``phi`` (n, k) with n < k: S = (Phi Phi^T + lambda I)^{-1} (n, n)
+    float64 and lambda as :func:`ridge_lambda` says for Phi^T Phi, so that by the push-through identity
+    (Phi^T Phi + lambda I)^{-1} = (I - Phi^T S Phi) / lambda (:class:`DualKernel`): an (n, n) inverse instead of a
+    (k, k) eigendecomposition."""
     n, k = phi.shape
     lam = ridge_lambda(float(np.einsum("ij,ij->", phi, phi)), k, ridge)
-    inverse = -phi.T @ np.linalg.solve(phi @ phi.T + lam * np.eye(n), phi)
-    inverse[np.diag_indices(k)] += 1.0
-    return (inverse / lam).astype(np.float32)
+    return np.linalg.inv(phi @ phi.T + lam * np.eye(n)), lam
+
+
+@dataclass(frozen=True)
+class DenseKernel:
+    """The per-checkpoint inverses M_c^{-1} = (Phi_c^T Phi_c + lambda_c I)^{-1} kept whole: ``inverse`` (C, k, k)
+    float32 (stores of at least k rows)."""
+
+    inverse: np.ndarray
+
+    def apply(self, c: int, q: np.ndarray) -> np.ndarray:
+        """(m, k) float32 rows ``q`` (m, k) times M_c^{-1}."""
+        return q @ self.inverse[c]
+
+
+@dataclass(frozen=True)
+class DualKernel:
+    """The same inverses for a store of n < k rows, kept as M_c^{-1} = (I - Phi_c^T S_c Phi_c) / lambda_c
+    (:func:`dual_inverse`): ``rows`` Phi (C, n, k) float32, ``small`` S (C, n, n) float64, ``lam`` (C,) float64;
+    C n k numbers instead of C k^2 (a LoRA store of 300 rows at k = 32768: 39 MB per checkpoint, not 4.3 GB)."""
+
+    rows: np.ndarray
+    small: np.ndarray
+    lam: np.ndarray
+
+    def apply(self, c: int, q: np.ndarray) -> np.ndarray:
+        """(m, k) float32 rows ``q`` (m, k) times M_c^{-1}."""
+        phi = self.rows[c].astype(np.float64)
+        q = q.astype(np.float64)
+        return ((q - (q @ phi.T) @ self.small[c] @ phi) / self.lam[c]).astype(np.float32)
+
+
+Kernel = DenseKernel | DualKernel
+
+
+def kernel_from_arrays(arrays: dict[str, np.ndarray]) -> Kernel:
+    """The kernel whose fields ``arrays`` holds (as saved by :func:`store_kernel`); ValueError for other keys."""
+    for form in (DenseKernel, DualKernel):
+        if set(arrays) == {f.name for f in fields(form)}:
+            return form(**arrays)
+    raise ValueError(f"not a kernel's arrays: {sorted(arrays)}")
 
 
 def kernel_digest(store: FeatureStore, method: str, ridge: float) -> str:
@@ -119,35 +160,40 @@ def kernel_digest(store: FeatureStore, method: str, ridge: float) -> str:
     return h.hexdigest()
 
 
-def compute_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> np.ndarray:
-    """(C, k, k) float32 regularized inverse Gram matrices of ``method``'s phi (:func:`kernel_features`) over a
-    complete store, one row-chunk at a time: the Gram matrix accumulated (memory k x k) when the store has at least
-    k rows, else the rows themselves kept (n x k < k x k) and inverted in the dual form."""
+def compute_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> Kernel:
+    """The regularized inverse Gram matrices of ``method``'s phi (:func:`kernel_features`) over a complete store,
+    one row-chunk at a time: the Gram matrix accumulated in float64 (memory k x k) when the store has at least k
+    rows (:class:`DenseKernel`), else its rows kept (n x k < k x k) in the dual form (:class:`DualKernel`)."""
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     k = store.meta.projector.proj_dim
-    out = np.empty((len(store.meta.checkpoint_ids), k, k), np.float32)
-    for c, cid in enumerate(store.meta.checkpoint_ids):
-        phis = (kernel_features(method, chunk.features, chunk.norms).astype(np.float64) for _, chunk in
-                store.chunks(cid))
-        if store.meta.n < k:
-            out[c] = regularized_inverse_of_rows(np.concatenate(list(phis)), ridge)
-        else:
-            gram = np.zeros((k, k), np.float64)
-            for phi in phis:
-                gram += phi.T @ phi
-            out[c] = regularized_inverse(gram, ridge)
-    return out
+
+    def phis(cid: str) -> Iterator[np.ndarray]:
+        for _, chunk in store.chunks(cid):
+            yield kernel_features(method, chunk.features, chunk.norms).astype(np.float64)
+
+    cids = store.meta.checkpoint_ids
+    if store.meta.n < k:
+        rows = [np.concatenate(list(phis(cid))) for cid in cids]
+        small, lam = zip(*(dual_inverse(phi, ridge) for phi in rows), strict=True)
+        return DualKernel(np.stack(rows).astype(np.float32), np.stack(small), np.array(lam))
+    inverse = np.empty((len(cids), k, k), np.float32)
+    for c, cid in enumerate(cids):
+        gram = np.zeros((k, k), np.float64)
+        for phi in phis(cid):
+            gram += phi.T @ phi
+        inverse[c] = regularized_inverse(gram, ridge)
+    return DenseKernel(inverse)
 
 
 def kernel_files(store: FeatureStore, method: str) -> tuple[Location, Location]:
-    """Where ``method``'s kernel and its sidecar live: ``STORE.index/<method>.kernel.npy`` and ``.json``."""
+    """Where ``method``'s kernel and its sidecar live: ``STORE.index/<method>.kernel.npz`` and ``.json``."""
     folder = store.path.sibling(".index")
-    return folder / f"{method}.kernel.npy", folder / f"{method}.kernel.json"
+    return folder / f"{method}.kernel.npz", folder / f"{method}.kernel.json"
 
 
-def store_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> np.ndarray:
-    """(C, k, k) ``method``'s kernel for ``store``: the saved one if its sidecar's digest is this store's, else
+def store_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> Kernel:
+    """``method``'s kernel for ``store``: the saved one if its sidecar's digest is this store's, else
     computed and saved (file first, sidecar last; a reader that finds a sidecar without its file recomputes)."""
     if method not in KERNEL_METHODS:
         raise ProjidxError(f"no kernel for method {method!r}; kernel methods: {', '.join(KERNEL_METHODS)}")
@@ -158,12 +204,13 @@ def store_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> np.n
         if recorded.get("digest") == digest:
             data = array_file.read_bytes()
             if hashlib.sha256(data).hexdigest() == recorded.get("sha256"):
-                return np.load(io.BytesIO(data), allow_pickle=False)
+                with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+                    return kernel_from_arrays({name: saved[name] for name in saved.files})
     except (OSError, ValueError, KeyError):
         pass  # missing, torn or stale: recompute
     kernel = compute_kernel(store, method, ridge)
     buffer = io.BytesIO()
-    np.save(buffer, kernel, allow_pickle=False)
+    np.savez(buffer, **{f.name: getattr(kernel, f.name) for f in fields(kernel)})
     try:
         with array_file.parent.staging():
             pass  # creates the local folder (object stores need none)

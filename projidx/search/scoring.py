@@ -175,7 +175,7 @@ def query_vectors(store: FeatureStore, queries: QueryFeatures, method: str) -> n
     ]
     if method in KERNEL_METHODS:  # K_c phi_c(q): the kernel goes on the query side (K_c is symmetric)
         kernel = store_kernel(store, method)
-        parts = [p @ kernel[c] for c, p in enumerate(parts)]
+        parts = [kernel.apply(c, p) for c, p in enumerate(parts)]
     return np.concatenate(parts, axis=1)
 
 
