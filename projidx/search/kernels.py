@@ -116,6 +116,10 @@ class DenseKernel:
 
     inverse: np.ndarray
 
+    def __len__(self) -> int:
+        """The number of checkpoints C."""
+        return len(self.inverse)
+
     def apply(self, c: int, q: np.ndarray) -> np.ndarray:
         """(m, k) float32 rows ``q`` (m, k) times M_c^{-1}."""
         return q @ self.inverse[c]
@@ -130,6 +134,10 @@ class DualKernel:
     rows: np.ndarray
     small: np.ndarray
     lam: np.ndarray
+
+    def __len__(self) -> int:
+        """The number of checkpoints C."""
+        return len(self.rows)
 
     def apply(self, c: int, q: np.ndarray) -> np.ndarray:
         """(m, k) float32 rows ``q`` (m, k) times M_c^{-1}."""
