@@ -23,7 +23,7 @@ from projidx.data.datasets import load_dataset
 from projidx.features.featurization import featurize_queries
 from projidx.search.attribution import store_checkpoints
 from projidx.search.index import store_sketch
-from projidx.search.scoring import query_vectors, train_vectors
+from projidx.search.scoring import query_vectors, train_vectors, vector_dim
 from projidx.store.feature_store import FeatureStore
 
 
@@ -38,13 +38,13 @@ def main() -> None:
     queries = load_dataset("digits:test").subset(slice(0, args.queries))
     qf = featurize_queries(store, store_checkpoints(store), queries, progress=False)
     rows = []
-    full_dim = store.meta.projector.proj_dim * len(store.meta.checkpoints)
     for method in ("matched", "retrac", "tracin"):
         qv = query_vectors(store, qf, method)
         tv = np.concatenate([train_vectors(store, method, i) for i in range(store.n_chunks)])
         full = qv @ tv.T
+        full_dim = vector_dim(store, method)
         for d in [int(v) for v in args.dims.split(",")]:
-            sketch = store_sketch(store, d)
+            sketch = store_sketch(store, method, d)
             agreement = rank_agreement(sketch(qv) @ sketch(tv).T, full, ks=(10,))
             rows.append({"method": method, "index_dim": d, "full_dim": full_dim, **agreement})
             print(f"{method:<8} d={d:<5} (full {full_dim}): Spearman {agreement['spearman']:.3f}, top-10 overlap"

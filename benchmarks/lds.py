@@ -70,10 +70,10 @@ def main() -> None:
     report["benchmark"] = {**vars(args), "wall_s": time.perf_counter() - start}
     (out / "lds.json").write_text(json.dumps(report, indent=1))
     print(f"{args.dataset}: N={args.n_train}, M={args.subsets}, Q={args.queries}")
-    print(f"{'store':<22} {'method':<8} {'LDS':>7}  95% interval")
+    print(f"{'store':<22} {'method':<12} {'LDS':>7}  95% interval")
     for r in report["results"]:
         value = "-" if r["lds"] is None else f"{r['lds']:.3f}"
-        print(f"{r['store']:<22} {r['method']:<8} {value:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+        print(f"{r['store']:<22} {r['method']:<12} {value:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
     if report["leave_out"] is not None:
         lo = report["leave_out"]
         print(f"leave-{lo['k']}-out, {lo['queries']} queries, {lo['retrains']} retrains ({lo['retrain_s']:.0f}s):"

@@ -73,12 +73,12 @@ def main() -> None:
     result = {"rows": rows, "wall_s": time.perf_counter() - start, "settings": vars(args)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "memorization.json").write_text(json.dumps(result, indent=1))
-    print(f"{'model':<10} {'seed':>4} {'objective':<9} {'method':<8} {'top-1':>6} {'95% interval':>13} {'top-10':>7}"
+    print(f"{'model':<10} {'seed':>4} {'objective':<9} {'method':<12} {'top-1':>6} {'95% interval':>13} {'top-10':>7}"
           f" {'label agr.':>10}")
     for r in rows:
         interval = "-" if r["top1_interval"] is None else "[{:.2f}, {:.2f}]".format(*r["top1_interval"])
         cells = [r["top1"], interval, r["topk"], r["label_agreement"]]
-        print(f"{r['model']:<10} {r['seed']:>4} {r['objective']:<9} {r['method']:<8} "
+        print(f"{r['model']:<10} {r['seed']:>4} {r['objective']:<9} {r['method']:<12} "
               + " ".join(f"{v if isinstance(v, str) else '-' if v is None else f'{v:.2f}':>{w}}"
                          for v, w in zip(cells, (6, 13, 7, 10), strict=True)))
     print(f"wall time {result['wall_s']:.0f}s")

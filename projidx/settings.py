@@ -20,8 +20,9 @@ MODES = ("replay", "grid")  # training-side timesteps
 TRAIN_TIMESTEP_MODES = (*MODES, "auto")
 KINDS = ("sjlt", "srht", "dense", "factorized", "identity")  # projector kinds
 PROJECTOR_CHOICES = ("auto", *KINDS)  # what featurize accepts as a projector
-METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak", "das")
-SUBSET_METHODS = ("das", "dtrak")  # the default method on a parameter subset's store: the first scorable
+METHODS = ("tracin", "retrac", "cosine", "matched", "dtrak", "das", "matched-trak")
+TIMESTEP_MATCHED = ("matched", "matched-trak")  # methods that pair each timestep with itself: grid stores only
+SUBSET_METHODS = ("matched-trak", "das", "dtrak")  # the default on a parameter subset's store: the first scorable
 VALUE_RANGES = ("auto", "-1,1", "0,1", "0,255")  # how data values are read
 LATENTS = ("mean", "sample")  # a VAE's latent of an image: its posterior mean, or a draw seeded by the noise seed
 # what is attributed (besides comma-separated glob patterns over parameter names): every parameter, the LoRA adapter's,

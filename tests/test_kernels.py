@@ -125,7 +125,43 @@ def test_the_kernel_is_saved_once_and_recomputed_when_the_store_changes(tmp_path
     assert not np.allclose(again, first)
 
 
-@pytest.mark.parametrize("method", ["dtrak", "das"])
+@pytest.mark.parametrize("proj_dim", [48, 8])  # 20 rows: the dual form below k, the Gram matrix above
+def test_matched_trak_scores_equal_the_per_timestep_formula(tmp_path, tiny_ckpts, tiny_data, tiny_queries, proj_dim):
+    """mean over (c, t) of < n(K_{c,t} f_{c,t}(q)), f_{c,t}(x) >, K_{c,t} the ridge inverse of the Gram matrix of the
+    stored unit gradients at checkpoint c and timestep t alone, all from scratch."""
+    store = featurize(tiny_ckpts, tiny_data.subset(slice(0, 20)), tmp_path / "m.zarr",
+                      replace(CONFIG, proj_dim=proj_dim), progress=False, allow_other_data=True)
+    qf = featurize_queries(store, tiny_ckpts, tiny_queries, progress=False)
+    cids, grid = store.meta.checkpoint_ids, store.meta.timesteps
+    expected = np.zeros((len(tiny_queries), store.meta.n))
+    for c, cid in enumerate(cids):
+        f = np.concatenate([ch.features.astype(np.float64) for _, ch in store.chunks(cid)])  # (N, G, k)
+        for t in range(len(grid)):
+            gram = f[:, t].T @ f[:, t]
+            lam = RIDGE * np.trace(gram) / len(gram)
+            u = np.linalg.solve(gram + lam * np.eye(len(gram)), qf.features[c][:, t].astype(np.float64).T).T
+            expected += (u / np.linalg.norm(u, axis=1, keepdims=True)) @ f[:, t].T / (len(cids) * len(grid))
+    got = exact_scores(store, query_vectors(store, qf, "matched-trak"), "matched-trak")
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+    assert query_vectors(store, qf, "matched-trak").shape[1] == len(cids) * len(grid) * proj_dim
+    # not D-TRAK's kernel over the mean gradient in disguise
+    dtrak = exact_scores(store, query_vectors(store, qf, "dtrak"), "dtrak")
+    assert not np.array_equal(np.argsort(-got, axis=1)[:, :5], np.argsort(-dtrak, axis=1)[:, :5])
+
+
+def test_matched_trak_needs_a_grid_store_and_the_grid_s_queries(tmp_path, tiny_ckpts, tiny_data):
+    replay = featurize(tiny_ckpts, tiny_data.subset(slice(0, 10)), tmp_path / "r.zarr",
+                       replace(CONFIG, train_timesteps="replay"), progress=False, allow_other_data=True)
+    assert "matched-trak" not in scorable_methods(replay)
+    with pytest.raises(ProjidxError, match="needs a grid-mode store"):
+        check_method(replay, "matched-trak")
+    grid = featurize(tiny_ckpts, tiny_data.subset(slice(0, 10)), tmp_path / "g.zarr", CONFIG, progress=False,
+                     allow_other_data=True)
+    with pytest.raises(ProjidxError, match="needs the queries at the store's grid"):
+        check_method(grid, "matched-trak", [1, 2])
+
+
+@pytest.mark.parametrize("method", ["dtrak", "das", "matched-trak"])
 def test_kernel_indices_answer_like_the_exact_scan(tmp_path, tiny_ckpts, tiny_data, tiny_queries, method):
     from projidx.search.index import build_index, load_index
 
@@ -202,3 +238,15 @@ def test_a_store_without_losses_refuses_das_in_one_line(tmp_path, tiny_ckpts, ti
     resumed = featurize(tiny_ckpts, tiny_data.subset(slice(0, 10)), old.path.local, DAS_CONFIG, progress=False,
                         allow_other_data=True)
     assert not resumed.meta.losses and "das" not in scorable_methods(resumed)
+
+
+@pytest.mark.parametrize(("patterns", "mode", "losses", "expected"), [
+    ("lora", "grid", True, "matched-trak"), ("lora", "replay", True, "das"), ("lora", "replay", False, "dtrak"),
+    ("*attn2*", "grid", False, "matched-trak"), ("all", "grid", True, "matched"), ("all", "replay", True, "cosine")])
+def test_the_default_method_follows_what_the_store_can_score(patterns, mode, losses, expected):
+    from types import SimpleNamespace
+
+    from projidx.search.scoring import default_method
+
+    meta = SimpleNamespace(params={"patterns": patterns}, train_timesteps=mode, losses=losses)
+    assert default_method(SimpleNamespace(meta=meta, path="s.zarr")) == expected

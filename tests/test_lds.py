@@ -22,6 +22,7 @@ from projidx.analysis.lds import (
 )
 from projidx.cli.main import main
 from projidx.errors import ProjidxError
+from projidx.settings import METHODS
 from tests.test_cli import assert_clean_error
 
 
@@ -137,7 +138,7 @@ def test_evaluate_lds_reports_every_method_and_resumes(lds_setup, tmp_path):
     assert first.exit_code == 0, first.output
     report = json.loads((out / "lds.json").read_text())
     methods = {(r["store"], r["method"]) for r in report["results"]}
-    assert ("dtrak.zarr", "dtrak") in methods and ("loss.zarr", "das") in methods and len(methods) == 12
+    assert ("dtrak.zarr", "dtrak") in methods and ("loss.zarr", "das") in methods and len(methods) == 2 * len(METHODS)
     assert len(report["per_query"]["dtrak.zarr/dtrak"]) == 5 and (out / "lds.png").stat().st_size > 1000
     assert report["n_train"] == 24 and report["output"]["seed"] == 424242
     finished = {p: p.stat().st_mtime_ns for p in (out / "retrains").glob("*/model/*.pt")}

@@ -134,7 +134,7 @@ def test_lora_fine_tune_on_the_cli(tmp_path, run_dirs):
     adapter = sum(p.numel() for n, p in run_dirs[2][0].named_parameters() if "lora_" in n)
     assert meta.params["patterns"] == "lora" and meta.params["count"] == meta.projector.input_dim == adapter
     assert meta.checkpoint_base == str(base.resolve()) and all("base_sha256" in c for c in meta.checkpoints)
-    assert default_method(FeatureStore.open(store)) == "das"  # a kernel method on an adapter's store
+    assert default_method(FeatureStore.open(store)) == "matched-trak"  # per-timestep kernels on an adapter's grid store
     run("index", "--store", store)
     run("query", "--store", store, "--data", data, "--top-k", 3, "--out", tmp_path / "r.json")
     hits = json.loads((tmp_path / "r.json").read_text())["queries"]

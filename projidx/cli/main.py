@@ -31,11 +31,11 @@ from projidx.settings import (
 )
 
 FEATURIZE = FeaturizeConfig()  # the defaults the featurize options show
-METHOD_HELP = ("matched (default on whole-model grid stores: mean over the grid of the cosine at the same timestep;"
-               " on an adapter's or other parameter subset's store das is the default, else dtrak), retrac"
-               " (the paper's bias-corrected method), tracin (the paper's baseline), cosine (of the timestep means),"
-               " dtrak (D-TRAK's kernel; counterfactual questions), das (DAS's kernel and residual; stores that"
-               " record training losses, best with --objective output).")
+METHOD_HELP = ("matched (default on whole-model grid stores: mean over the grid of the cosine at the same timestep),"
+               " matched-trak (default on an adapter's or other parameter subset's grid store: a TRAK kernel per"
+               " timestep, each timestep one vote), retrac (the paper's bias-corrected method), tracin (the paper's"
+               " baseline), cosine (of the timestep means), dtrak (D-TRAK's kernel; counterfactual questions), das"
+               " (DAS's kernel and residual; stores that record training losses, best with --objective output).")
 
 
 RESUME_HINT = "re-run the same command to resume (finished work is kept)"
@@ -524,10 +524,10 @@ def validate(store, data, samples, seed, sigma, methods, query_timesteps, noise_
                             noise_draws, progress=True)
     click.echo(f"{report['samples']} training images, exact scan; share of queries whose source is top-1 / top-10"
                " (median rank)")
-    click.echo(f"{'method':<9}" + "".join(f"{c:>24}" for c in CHECKS))
+    click.echo(f"{'method':<13}" + "".join(f"{c:>24}" for c in CHECKS))
     for method, checks in report["methods"].items():
         cells = [f"{r['top1']:.2f} / {r['top10']:.2f} ({r['median_rank']:g})" for r in checks.values()]
-        click.echo(f"{method:<9}" + "".join(f"{c:>24}" for c in cells))
+        click.echo(f"{method:<13}" + "".join(f"{c:>24}" for c in cells))
     if out:
         from projidx.files import write_text_atomic
 
@@ -859,11 +859,11 @@ def evaluate_memorization(data, out, base, sources, copies, generate, steps, see
     k = report["settings"]["top_k"]
     click.echo(f"{report['memorized']} of {report['generated']} generations reproduce a planted image"
                f" (pixel distance < {report['threshold']:.3f})")
-    click.echo(f"{'method':<10} {'top-1':>6} {'95% interval':>13} {f'top-{k}':>7} {'copy rank':>9} {'label agr.':>10}")
+    click.echo(f"{'method':<12} {'top-1':>6} {'95% interval':>13} {f'top-{k}':>7} {'copy rank':>9} {'label agr.':>10}")
     for name, row in report["methods"].items():
         interval = "-" if row["top1_interval"] is None else "[{:.2f}, {:.2f}]".format(*row["top1_interval"])
         cells = [row["top1"], interval, row["topk"], row["mean_copy_rank"], row["label_agreement"]]
-        click.echo(f"{name:<10} " + " ".join(f"{v if isinstance(v, str) else '-' if v is None else f'{v:.2f}':>{w}}"
+        click.echo(f"{name:<12} " + " ".join(f"{v if isinstance(v, str) else '-' if v is None else f'{v:.2f}':>{w}}"
                                               for v, w in zip(cells, (6, 13, 7, 9, 10), strict=True)))
     click.echo(f"wrote {Path(out) / 'memorization.json'}")
 
@@ -918,10 +918,10 @@ def evaluate_lds(stores, queries, out, subsets, alpha, seed, output_timesteps, o
         raise ProjidxError(str(e).replace("leave_out must", "--leave-out must")) from None
     click.echo(f"LDS over {config.subsets} retrains of {report['n_train']} rows, {report['queries']} queries"
                f" (retraining {report['retrain_s']:.0f}s this run)")
-    click.echo(f"{'store':<28} {'method':<8} {'LDS':>7}  95% interval")
+    click.echo(f"{'store':<28} {'method':<12} {'LDS':>7}  95% interval")
     for r in report["results"]:
         value = "-" if r["lds"] is None else f"{r['lds']:.3f}"
-        click.echo(f"{r['store']:<28} {r['method']:<8} {value:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+        click.echo(f"{r['store']:<28} {r['method']:<12} {value:>7}  [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
     lo = report["leave_out"]
     if lo is not None:
         click.echo(f"leave-{lo['k']}-out on {lo['queries']} queries ({lo['retrains']} retrains): loss rise when the"

@@ -46,7 +46,7 @@ import torch
 
 from projidx.errors import ProjidxError, one_line
 from projidx.files import atomic_path, file_sha256
-from projidx.search.scoring import check_method, chunk_vectors, exact_topk, rescore
+from projidx.search.scoring import check_method, chunk_vectors, exact_topk, rescore, vector_dim
 from projidx.seeding import generator
 from projidx.settings import IndexConfig
 from projidx.store.feature_store import FeatureStore, WriterLock
@@ -88,9 +88,9 @@ class Sketch:
         return out.numpy()
 
 
-def store_sketch(store: FeatureStore, index_dim: int | None) -> Sketch | None:
-    full = store.meta.projector.proj_dim * len(store.meta.checkpoints)
-    return None if index_dim is None else Sketch(full, index_dim, store.meta.projector.seed)
+def store_sketch(store: FeatureStore, method: str, index_dim: int | None) -> Sketch | None:
+    """The sketch of ``method``'s vectors on ``store`` down to ``index_dim`` (None: none)."""
+    return None if index_dim is None else Sketch(vector_dim(store, method), index_dim, store.meta.projector.seed)
 
 
 @dataclass
@@ -165,8 +165,8 @@ def _build_locked(store: FeatureStore, method: str, config: IndexConfig) -> Loca
     if config.on_disk and target.local is None:
         raise ProjidxError(f"--on-disk needs a store on the local file system (its lists are memory-mapped), not"
                            f" {store.path}")
-    sketch = store_sketch(store, config.index_dim)
-    dim = config.index_dim or store.meta.projector.proj_dim * len(store.meta.checkpoints)
+    sketch = store_sketch(store, method, config.index_dim)
+    dim = config.index_dim or vector_dim(store, method)
     token = uuidlib.uuid4().hex[:12]  # this build's files: new names, so the previous pair stays whole
     with target.staging() as out:
         lists = None
@@ -330,7 +330,7 @@ def read_sidecar(store: FeatureStore, method: str, digest: bool = True) -> tuple
             and meta.get("store_digest") == store_digest(store)
         path = index_dir(store) / meta["file"]
         config = meta.get("config", {})
-        expected_dim = config.get("index_dim") or store.meta.projector.proj_dim * len(store.meta.checkpoints)
+        expected_dim = config.get("index_dim") or vector_dim(store, method)
         sound = meta["method"] == method and int(meta["dim"]) == expected_dim \
             and Path(meta["file"]).name == meta["file"] and path.is_file() \
             and (not digest or path.sha256() == meta["sha256"])
@@ -373,7 +373,7 @@ def _open(faiss, store: FeatureStore, method: str, meta: dict, source: Path | by
           where: Location | None = None) -> SearchIndex:
     """The index loaded from ``source``: a local file, or an index file's bytes (``where`` names it in errors)."""
     ids = store.ids()
-    sketch = store_sketch(store, meta.get("config", {}).get("index_dim"))
+    sketch = store_sketch(store, method, meta.get("config", {}).get("index_dim"))
     unreadable = f"the {method} index {where or source} is unreadable; rebuild it with 'projidx index'"
     if meta["backend"] != "torch" and faiss is None:
         raise ProjidxError(f"the {method} index is a FAISS index: pip install 'projidx[cpu]' (or [gpu])")

@@ -45,6 +45,19 @@ and the kernel is recomputed instead of read.
 
 lambda_c = ``RIDGE`` x the mean eigenvalue of Phi_c^T Phi_c (trace / k): scale-free, so one setting serves
 stores whose gradients differ by orders of magnitude in norm; it keeps the inverse defined when N < k.
+
+``matched-trak`` (beyond the papers; grid stores) keeps the timesteps apart, as ``matched`` does for cosines: one
+kernel per checkpoint c and grid timestep t over the unit gradients f_{c,t} = P g_{c,t} / ||g_{c,t}|| (the store's
+features), and each timestep's kernel-applied query made unit before the mean over (c, t):
+
+    matched-trak:  mean_{c,t} < n(K_{c,t} f_{c,t}(q)), f_{c,t}(x) >,   K_{c,t} = (F_{c,t}^T F_{c,t} + lambda I)^{-1}.
+
+D-TRAK and DAS average the gradients over the timesteps before the kernel, so the directions every training row
+shares at a timestep (at large t the noise, the same for every row under shared noise, sets x_t) swamp the ones
+that tell rows apart, and a timestep with a large kernel-applied query outvotes the others; per timestep the
+kernel whitens those shared directions away, and the unit query gives every timestep one vote (the paper's
+ReTrac normalization, taken after the kernel). Its vectors have C x K x k entries (K the grid's size), its kernel
+one inverse per (c, t): "slots" below, C x K of them, where the other two methods have C.
 """
 
 from __future__ import annotations
@@ -62,18 +75,27 @@ from projidx.features.query import mean_gradient
 from projidx.store.feature_store import FeatureStore
 from projidx.store.locations import Location
 
-KERNEL_METHODS = ("dtrak", "das")
+KERNEL_METHODS = ("dtrak", "das", "matched-trak")
 RIDGE = 0.1  # lambda as a fraction of the Gram matrix's mean eigenvalue
 
 
 def kernel_features(method: str, features: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """(n, k) float32 phi of ``method`` from unit ``features`` (n, G, k) and their exact ``norms`` (n, G): the
-    projected mean gradient (``dtrak``) or the mean of the unit gradients (``das``)."""
+    """(n, S, k) float32 phi of ``method`` from unit ``features`` (n, G, k) and their exact ``norms`` (n, G), one
+    (n, k) slice per kernel slot of a checkpoint: the projected mean gradient (``dtrak``, S = 1), the mean of the
+    unit gradients (``das``, S = 1) or the unit gradients themselves (``matched-trak``, S = G)."""
     if method == "dtrak":
-        return mean_gradient(features, norms)
+        return mean_gradient(features, norms)[:, None]
     if method == "das":
-        return features.mean(axis=1, dtype=np.float32)
+        return features.mean(axis=1, dtype=np.float32)[:, None]
+    if method == "matched-trak":
+        return features.astype(np.float32, copy=False)
     raise ProjidxError(f"no kernel for method {method!r}; kernel methods: {', '.join(KERNEL_METHODS)}")
+
+
+def kernel_slots(method: str, gradients_per_sample: int) -> int:
+    """S, the kernel slots per checkpoint of ``method`` on a store of ``gradients_per_sample`` G: G for
+    ``matched-trak``, else 1."""
+    return gradients_per_sample if method == "matched-trak" else 1
 
 
 def das_residual(losses: np.ndarray) -> np.ndarray:
@@ -111,42 +133,54 @@ def dual_inverse(phi: np.ndarray, ridge: float = RIDGE) -> tuple[np.ndarray, flo
 
 @dataclass(frozen=True)
 class DenseKernel:
-    """The per-checkpoint inverses M_c^{-1} = (Phi_c^T Phi_c + lambda_c I)^{-1} kept whole: ``inverse`` (C, k, k)
-    float32 (stores of at least k rows)."""
+    """The inverses M_s^{-1} = (Phi_s^T Phi_s + lambda_s I)^{-1} of each slot s (a checkpoint, or a checkpoint's
+    timestep: :func:`kernel_slots`) kept whole: ``inverse`` (C S, k, k) float32 (stores of at least k rows)."""
 
     inverse: np.ndarray
 
     def __len__(self) -> int:
-        """The number of checkpoints C."""
+        """The number of slots C S."""
         return len(self.inverse)
 
-    def apply(self, c: int, q: np.ndarray) -> np.ndarray:
-        """(m, k) float32 rows ``q`` (m, k) times M_c^{-1}."""
-        return q @ self.inverse[c]
+    def apply(self, slot: int, q: np.ndarray) -> np.ndarray:
+        """(m, k) float32 rows ``q`` (m, k) times M_slot^{-1}."""
+        return q @ self.inverse[slot]
 
 
 @dataclass(frozen=True)
 class DualKernel:
-    """The same inverses for a store of n < k rows, kept as M_c^{-1} = (I - Phi_c^T S_c Phi_c) / lambda_c
-    (:func:`dual_inverse`): ``rows`` Phi (C, n, k) float32, ``small`` S (C, n, n) float64, ``lam`` (C,) float64;
-    C n k numbers instead of C k^2 (a LoRA store of 300 rows at k = 32768: 39 MB per checkpoint, not 4.3 GB)."""
+    """The same inverses for a store of n < k rows, kept as M_s^{-1} = (I - Phi_s^T S_s Phi_s) / lambda_s
+    (:func:`dual_inverse`): ``rows`` Phi (C S, n, k) float32, ``small`` S (C S, n, n) float64, ``lam`` (C S,)
+    float64; n k numbers per slot instead of k^2 (a LoRA store of 300 rows at k = 32768: 39 MB, not 4.3 GB)."""
 
     rows: np.ndarray
     small: np.ndarray
     lam: np.ndarray
 
     def __len__(self) -> int:
-        """The number of checkpoints C."""
+        """The number of slots C S."""
         return len(self.rows)
 
-    def apply(self, c: int, q: np.ndarray) -> np.ndarray:
-        """(m, k) float32 rows ``q`` (m, k) times M_c^{-1}."""
-        phi = self.rows[c].astype(np.float64)
+    def apply(self, slot: int, q: np.ndarray) -> np.ndarray:
+        """(m, k) float32 rows ``q`` (m, k) times M_slot^{-1}."""
+        phi = self.rows[slot].astype(np.float64)
         q = q.astype(np.float64)
-        return ((q - (q @ phi.T) @ self.small[c] @ phi) / self.lam[c]).astype(np.float32)
+        return ((q - (q @ phi.T) @ self.small[slot] @ phi) / self.lam[slot]).astype(np.float32)
 
 
 Kernel = DenseKernel | DualKernel
+
+
+def kernel_query(method: str, kernel: Kernel, c: int, phi: np.ndarray, weight: float) -> np.ndarray:
+    """(m, S k) float32 query vector of checkpoint ``c`` from its phi (m, S, k) (:func:`kernel_features`): slot s
+    times K_{c S + s}, ``matched-trak``'s made unit, all times sqrt(``weight``) (the checkpoint's score weight,
+    split between the two sides)."""
+    slots = phi.shape[1]
+    out = np.stack([kernel.apply(c * slots + s, phi[:, s]) for s in range(slots)], axis=1)
+    if method == "matched-trak":
+        norm = np.linalg.norm(out, axis=2, keepdims=True)
+        out = out / np.where(norm > 0, norm, 1.0)
+    return (out.reshape(len(out), -1) * np.sqrt(weight)).astype(np.float32)
 
 
 def kernel_from_arrays(arrays: dict[str, np.ndarray]) -> Kernel:
@@ -169,28 +203,30 @@ def kernel_digest(store: FeatureStore, method: str, ridge: float) -> str:
 
 
 def compute_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> Kernel:
-    """The regularized inverse Gram matrices of ``method``'s phi (:func:`kernel_features`) over a complete store,
-    one row-chunk at a time: the Gram matrix accumulated in float64 (memory k x k) when the store has at least k
-    rows (:class:`DenseKernel`), else its rows kept (n x k < k x k) in the dual form (:class:`DualKernel`)."""
+    """The regularized inverse Gram matrices of ``method``'s phi (:func:`kernel_features`), one per slot (checkpoint
+    c, slot s: index c S + s), over a complete store, one row-chunk at a time: the Gram matrix accumulated in float64
+    (memory k x k; one pass over the store per slot) when the store has at least k rows (:class:`DenseKernel`), else
+    the rows kept (n x k < k x k) in the dual form (:class:`DualKernel`)."""
     if not store.is_complete():
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     k = store.meta.projector.proj_dim
+    slots = kernel_slots(method, store.meta.gradients_per_sample)
+    pairs = [(cid, s) for cid in store.meta.checkpoint_ids for s in range(slots)]
 
-    def phis(cid: str) -> Iterator[np.ndarray]:
+    def phis(cid: str, s: int) -> Iterator[np.ndarray]:
         for _, chunk in store.chunks(cid):
-            yield kernel_features(method, chunk.features, chunk.norms).astype(np.float64)
+            yield kernel_features(method, chunk.features, chunk.norms)[:, s].astype(np.float64)
 
-    cids = store.meta.checkpoint_ids
     if store.meta.n < k:
-        rows = [np.concatenate(list(phis(cid))) for cid in cids]
+        rows = [np.concatenate(list(phis(cid, s))) for cid, s in pairs]
         small, lam = zip(*(dual_inverse(phi, ridge) for phi in rows), strict=True)
         return DualKernel(np.stack(rows).astype(np.float32), np.stack(small), np.array(lam))
-    inverse = np.empty((len(cids), k, k), np.float32)
-    for c, cid in enumerate(cids):
+    inverse = np.empty((len(pairs), k, k), np.float32)
+    for i, (cid, s) in enumerate(pairs):
         gram = np.zeros((k, k), np.float64)
-        for phi in phis(cid):
+        for phi in phis(cid, s):
             gram += phi.T @ phi
-        inverse[c] = regularized_inverse(gram, ridge)
+        inverse[i] = regularized_inverse(gram, ridge)
     return DenseKernel(inverse)
 
 

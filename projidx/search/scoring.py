@@ -10,6 +10,7 @@ f_g = P g_g / ||g_g|| with exact norms ||g_g|| (G = 1 for a replayed training gr
     matched: sqrt(w_c) * n( sum_g Q_{t_g} f_g )      (beyond the paper; grid stores only)
     dtrak:   sqrt(1/C) * P mean_g g_g                  (query side: times the kernel K_c, projidx.search.kernels)
     das:     sqrt(1/C) * P mean_g n(g_g) * r_c(x)      (training side; query side sqrt(1/C) K_c P mean_g n(gbar_g))
+    matched-trak: [f_g / sqrt(C G)]_g, one block per grid timestep   (query side n(K_{c,g} f_g) / sqrt(C G))
 
 and the score is the inner product of the concatenations over checkpoints:
 TracIn = sum_c w_c <P mean g_train, P mean gbar_query>, and so on. With the identity projector the first
@@ -40,16 +41,24 @@ import torch
 
 from projidx.errors import ProjidxError
 from projidx.features.query import QueryFeatures, mean_gradient
-from projidx.search.kernels import KERNEL_METHODS, das_residual, kernel_features, store_kernel
+from projidx.search.kernels import (
+    KERNEL_METHODS,
+    das_residual,
+    kernel_features,
+    kernel_query,
+    kernel_slots,
+    store_kernel,
+)
 from projidx.seeding import generator
-from projidx.settings import METHODS, SUBSET_METHODS
+from projidx.settings import METHODS, SUBSET_METHODS, TIMESTEP_MATCHED
 from projidx.store.feature_store import FeatureStore
 
 
 def default_method(store: FeatureStore) -> str:
     """The method a look-up uses unless told otherwise: on stores of a parameter subset (a LoRA adapter, ``--params``
-    other than ``all``) the first scorable of SUBSET_METHODS, D-TRAK's and DAS's kernels, which find a fine-tune's
-    exemplars where cosines of adapter gradients do not (docs/results.md section 9); else ``matched`` on grid stores,
+    other than ``all``) the first scorable of SUBSET_METHODS (``matched-trak`` on grid stores, then DAS's and D-TRAK's
+    kernels), which find a fine-tune's exemplars where cosines of adapter gradients do not (docs/results.md section
+    9); else ``matched`` on grid stores,
     which passes ``projidx validate`` best (docs/results.md); ``cosine`` on replay stores, where ``matched`` cannot
     be scored."""
     if store.meta.params and store.meta.params["patterns"] != "all":
@@ -103,7 +112,7 @@ def side_vectors(
     elif method == "retrac":
         v = features.mean(axis=1)
     elif method in KERNEL_METHODS:
-        v = kernel_features(method, features, norms)
+        v = kernel_features(method, features, norms).reshape(len(features), -1)
     elif method in ("tracin", "cosine"):
         v = mean_gradient(features, norms)
         if method == "cosine":
@@ -116,9 +125,17 @@ def side_vectors(
 
 def method_weights(store: FeatureStore, method: str) -> list[float]:
     """The weight of each checkpoint's score under ``method``: the TracIn weights w_c, or 1/C for the kernel methods
-    (TRAK's mean over models)."""
+    (TRAK's mean over models), divided by their slots per checkpoint (``matched-trak``: a mean over (c, t))."""
     c = len(store.meta.checkpoint_ids)
-    return [1.0 / c] * c if method in KERNEL_METHODS else store.weights()
+    if method not in KERNEL_METHODS:
+        return store.weights()
+    return [1.0 / (c * kernel_slots(method, store.meta.gradients_per_sample))] * c
+
+
+def vector_dim(store: FeatureStore, method: str) -> int:
+    """The dimension of ``method``'s vectors on ``store``: C k, or C G k for ``matched-trak`` (a slot per timestep)."""
+    slots = kernel_slots(method, store.meta.gradients_per_sample) if method in KERNEL_METHODS else 1
+    return len(store.meta.checkpoint_ids) * slots * store.meta.projector.proj_dim
 
 
 def train_vectors(store: FeatureStore, method: str, chunk: int) -> np.ndarray:
@@ -140,13 +157,13 @@ def check_method(store: FeatureStore, method: str, query_timesteps: Sequence[int
     if method == "das" and not store.meta.losses:
         raise ProjidxError(f"method 'das' needs the training losses (DAS's residual), which store {store.path} does"
                            " not record (written before projidx recorded them); featurize a new store for das")
-    if method != "matched":
+    if method not in TIMESTEP_MATCHED:
         return
     if store.meta.train_timesteps != "grid":
-        raise ProjidxError(f"method 'matched' needs a grid-mode store; {store.path} was featurized in"
+        raise ProjidxError(f"method {method!r} needs a grid-mode store; {store.path} was featurized in"
                            f" {store.meta.train_timesteps} mode (re-featurize with --train-timesteps grid)")
     if query_timesteps is not None and list(query_timesteps) != list(store.meta.timesteps):
-        raise ProjidxError(f"method 'matched' needs the queries at the store's grid {store.meta.timesteps},"
+        raise ProjidxError(f"method {method!r} needs the queries at the store's grid {store.meta.timesteps},"
                            f" got {list(query_timesteps)} (leave --query-timesteps out)")
 
 
@@ -168,14 +185,14 @@ def query_vectors(store: FeatureStore, queries: QueryFeatures, method: str) -> n
     if queries.store_uuid is not None and queries.store_uuid != store.uuid:
         raise ProjidxError(f"these query features were made for another store than {store.path}")
     check_method(store, method, queries.timesteps)
-    parts = [
-        side_vectors(method, f, n, m, w, queries.timesteps, store.meta.projector.seed)
-        for f, n, m, w in zip(queries.features, queries.norms, queries.mean_norms, method_weights(store, method),
-                              strict=True)
-    ]
+    weights = method_weights(store, method)
     if method in KERNEL_METHODS:  # K_c phi_c(q): the kernel goes on the query side (K_c is symmetric)
         kernel = store_kernel(store, method)
-        parts = [kernel.apply(c, p) for c, p in enumerate(parts)]
+        parts = [kernel_query(method, kernel, c, kernel_features(method, f, n), w)
+                 for c, (f, n, w) in enumerate(zip(queries.features, queries.norms, weights, strict=True))]
+    else:
+        parts = [side_vectors(method, f, n, m, w, queries.timesteps, store.meta.projector.seed)
+                 for f, n, m, w in zip(queries.features, queries.norms, queries.mean_norms, weights, strict=True)]
     return np.concatenate(parts, axis=1)
 
 
