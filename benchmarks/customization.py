@@ -21,7 +21,8 @@ always reproduce its concept). ``projidx validate`` runs on the pretrained (full
 
     python benchmarks/customization.py --out bench-out/customization     # ~23 min at 1 thread, models cached in OUT
 
-Prints a table, writes OUT/customization.json.
+Prints a table, writes OUT/customization.json (with ``--guidance-scale G`` other than sample's default:
+OUT/customization-gG.json, the same models, generations of their own).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from projidx.features.featurization import featurize, featurize_queries
 from projidx.models.checkpoints import load_checkpoints
 from projidx.reports.validate import validate_store
 from projidx.search.scoring import exact_topk, query_vectors, scorable_methods
-from projidx.settings import FeaturizeConfig
+from projidx.settings import FeaturizeConfig, SampleConfig
 
 SIZE, WIDTH, TOKENS = 16, 32, 32
 CONCEPTS = {"checker": "a photo of sks", "ring": "a photo of zqv", "stripes": "a photo of vbn"}
@@ -238,6 +239,10 @@ def main() -> None:
                    help="LoRA on the attention projections (diffusers' scripts) or every Linear of the transformer"
                         " blocks (attention, proj_in/out, feed-forward)")
     p.add_argument("--generate", type=int, default=16)
+    p.add_argument("--guidance-scale", type=float, default=SampleConfig.guidance_scale,
+                   help="classifier-free guidance of the generations (projidx sample's default); another value"
+                        " samples into OUT/<concept>/generated-g<value> and reports to customization-g<value>.json,"
+                        " reusing the models")
     p.add_argument("--validate-samples", type=int, default=16)
     p.add_argument("--single-caption", action="store_true", help="every base row captioned 'a photo'")
     p.add_argument("--seed", type=int, default=0,
@@ -260,6 +265,7 @@ def main() -> None:
     captions = base_captions(args.base_rows, not args.single_caption)
     base = pretrain(out, pixels[: args.base_rows], captions, args.pretrain_steps, seed=args.seed)
     report = {"settings": vars(args), "concepts": {}}
+    suffix = "" if args.guidance_scale == SampleConfig.guidance_scale else f"-g{args.guidance_scale:g}"
     base_folder = write_folder(out / "data-base", base_u8, captions)
     base_store = featurize(load_checkpoints([base]), load_dataset(str(base_folder)), out / "base.zarr",
                            FeaturizeConfig(), progress=False)
@@ -271,7 +277,7 @@ def main() -> None:
         exemplars = torch.from_numpy(concepts[kind]).permute(0, 3, 1, 2).float() / 127.5 - 1
         loras = fine_tune(base, out / kind, exemplars, caption, args.tune_steps,
                           TRANSFORMER if args.targets == "transformer" else ATTENTION, seed=1 + args.seed)
-        gen_folder = out / kind / "generated"
+        gen_folder = out / kind / f"generated{suffix}"
         if not (gen_folder / "metadata.jsonl").is_file():
             from click.testing import CliRunner
 
@@ -279,7 +285,8 @@ def main() -> None:
 
             result = CliRunner().invoke(cli, ["sample", "--checkpoints", str(loras[-1]), "--base", str(base),
                                               "--prompt", caption, "--n", str(args.generate), "--seed",
-                                              str(args.seed), "--out", str(gen_folder)])
+                                              str(args.seed), "--guidance-scale", str(args.guidance_scale),
+                                              "--out", str(gen_folder)])
             if result.exit_code != 0:
                 sys.exit(f"sample failed: {result.output}")
         ckpts = load_checkpoints([str(f) for f in loras], None, base)
@@ -307,13 +314,13 @@ def main() -> None:
                                     "params": store.meta.params, "depicting": int(depicting.sum()),
                                     "methods": methods}
     report["wall_s"] = time.perf_counter() - start
-    (out / "customization.json").write_text(json.dumps(report, indent=1))
-    print(f"{'concept':<8} {'method':<8} {'recall@10':>9} {'hit@10':>7} {'best rank':>9}   depicting: {'recall@10':>9}"
+    (out / f"customization{suffix}.json").write_text(json.dumps(report, indent=1))
+    print(f"{'concept':<8} {'method':<12} {'recall@10':>9} {'hit@10':>7} {'best rank':>9}   depicting: {'recall@10':>9}"
           f" {'hit@10':>7}")
     for kind, c in report["concepts"].items():
         for method, r in c["methods"].items():
             d = r["depicting"] or {"recall_at_10": float("nan"), "hit_at_10": float("nan")}
-            print(f"{kind:<8} {method:<8} {r['recall_at_10']:>9.2f} {r['hit_at_10']:>7.2f} {r['best_rank']:>9.2f}"
+            print(f"{kind:<8} {method:<12} {r['recall_at_10']:>9.2f} {r['hit_at_10']:>7.2f} {r['best_rank']:>9.2f}"
                   f"   {c['depicting']:>2} of {args.generate:<3}  {d['recall_at_10']:>9.2f} {d['hit_at_10']:>7.2f}")
     for method, checks in report["validate"].items():
         print(f"validate (base store) {method}: " + ", ".join(f"{name} top-1 {c['top1']:.2f} top-10 {c['top10']:.2f}"
