@@ -211,22 +211,30 @@ def compute_kernel(store: FeatureStore, method: str, ridge: float = RIDGE) -> Ke
         raise ProjidxError(f"store {store.path} is not completely featurized; run 'projidx featurize' first")
     k = store.meta.projector.proj_dim
     slots = kernel_slots(method, store.meta.gradients_per_sample)
-    pairs = [(cid, s) for cid in store.meta.checkpoint_ids for s in range(slots)]
+    cids = store.meta.checkpoint_ids
 
-    def phis(cid: str, s: int) -> Iterator[np.ndarray]:
+    def phis(cid: str) -> Iterator[np.ndarray]:  # (rows, S, k) per row-chunk
         for _, chunk in store.chunks(cid):
-            yield kernel_features(method, chunk.features, chunk.norms)[:, s].astype(np.float64)
+            yield kernel_features(method, chunk.features, chunk.norms)
 
     if store.meta.n < k:
-        rows = [np.concatenate(list(phis(cid, s))) for cid, s in pairs]
-        small, lam = zip(*(dual_inverse(phi, ridge) for phi in rows), strict=True)
+        rows, small, lam = [], [], []
+        for cid in cids:  # one read of the checkpoint's chunks for all its slots
+            phi = np.concatenate(list(phis(cid)))
+            for s in range(slots):
+                inverse, lam_s = dual_inverse(phi[:, s].astype(np.float64), ridge)
+                rows.append(phi[:, s])
+                small.append(inverse)
+                lam.append(lam_s)
         return DualKernel(np.stack(rows).astype(np.float32), np.stack(small), np.array(lam))
-    inverse = np.empty((len(pairs), k, k), np.float32)
-    for i, (cid, s) in enumerate(pairs):
-        gram = np.zeros((k, k), np.float64)
-        for phi in phis(cid, s):
-            gram += phi.T @ phi
-        inverse[i] = regularized_inverse(gram, ridge)
+    inverse = np.empty((len(cids) * slots, k, k), np.float32)
+    for c, cid in enumerate(cids):
+        for s in range(slots):  # one Gram matrix in memory at a time, one pass over the chunks each
+            gram = np.zeros((k, k), np.float64)
+            for phi in phis(cid):
+                block = phi[:, s].astype(np.float64)
+                gram += block.T @ block
+            inverse[c * slots + s] = regularized_inverse(gram, ridge)
     return DenseKernel(inverse)
 
 

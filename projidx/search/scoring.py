@@ -58,9 +58,8 @@ def default_method(store: FeatureStore) -> str:
     """The method a look-up uses unless told otherwise: on stores of a parameter subset (a LoRA adapter, ``--params``
     other than ``all``) the first scorable of SUBSET_METHODS (``matched-trak`` on grid stores, then DAS's and D-TRAK's
     kernels), which find a fine-tune's exemplars where cosines of adapter gradients do not (docs/results.md section
-    9); else ``matched`` on grid stores,
-    which passes ``projidx validate`` best (docs/results.md); ``cosine`` on replay stores, where ``matched`` cannot
-    be scored."""
+    9); else ``matched`` on grid stores, which passes ``projidx validate`` best (docs/results.md); ``cosine`` on replay
+    stores, where ``matched`` cannot be scored."""
     if store.meta.params and store.meta.params["patterns"] != "all":
         scorable = scorable_methods(store)
         subset = next((m for m in SUBSET_METHODS if m in scorable), None)
